@@ -54,7 +54,7 @@ class PretrainConfig:
     n_layers: int = 4
     n_heads: int = 8
     value_bins: int = 64
-    epochs: int = 4
+    epochs: int = 3
     batch_size: int = 64
     lr: float = 1e-3
     min_mask: float = 0.1

@@ -22,7 +22,7 @@ import warnings
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks import EarlyStopping, TQDMProgressBar
 from torch.utils.data import DataLoader, TensorDataset
 
 from .config import HingeTrainConfig, PretrainConfig
@@ -51,7 +51,7 @@ def _trainer(max_epochs: int, callbacks: list | None = None, progress: bool = Tr
         enable_checkpointing=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=callbacks or [],
+        callbacks=[*(callbacks or []), *([TQDMProgressBar(refresh_rate=5)] if progress else [])],
         enable_progress_bar=progress,
         deterministic=False,
     )

@@ -87,13 +87,20 @@ class HINGE(nn.Module):
             p.requires_grad_(True)
 
     def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        """Standardisation of histology features, fitted on training spots."""
+        """Standardisation of histology features, fitted on training spots.
+
+        Encoder channels that are (near-)constant on the training spots would turn
+        small shifts on a new slide into huge z-scores, so each channel's sd is
+        floored at 10% of the median channel sd (and z-scores are clipped to +-8
+        in :meth:`condition`).
+        """
         self.feat_mean.copy_(mean)
-        self.feat_std.copy_(std.clamp_min(1e-6))
+        floor = max(float(std.median()) * 0.1, 1e-6)
+        self.feat_std.copy_(std.clamp_min(floor))
 
     def condition(self, feats: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``c_t = phi([v; e_t])``: (B, F), (B,) -> (B, cond_dim)."""
-        v = (feats - self.feat_mean) / self.feat_std
+        v = ((feats - self.feat_mean) / self.feat_std).clamp(-8.0, 8.0)
         return self.phi(torch.cat([v, timestep_embedding(t, self.config.time_dim, self.T)], dim=-1))
 
     def forward(self, x_t: torch.Tensor, visible: torch.Tensor, t: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
@@ -114,7 +121,7 @@ class HINGE(nn.Module):
         steps: int = 5,
         n_samples: int = 10,
         generator: torch.Generator | None = None,
-        batch_size: int = 512,
+        batch_size: int = 64,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample expression for spots with features ``feats`` (N, F).
 
