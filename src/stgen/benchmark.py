@@ -91,12 +91,17 @@ def run_benchmark(
 
 
 def _section_plots(out: Path, section: str, preds: dict) -> None:
-    first = next(iter(preds.values()))
-    _, genes, xy, truth = first
-    model_preds = {m: v[0] for m, v in preds.items()}
-    plot_spatial_maps(xy, truth, model_preds, MARKERS, genes, out / f"maps_{section}.png",
+    """Maps and heatmaps on the genes every model predicts (panels can differ by the
+    few genes a backbone vocabulary lacks)."""
+    common = [g for g in next(iter(preds.values()))[1] if all(g in v[1] for v in preds.values())]
+    model_preds, truth, xy = {}, None, None
+    for m, (p, genes, xy_m, t) in preds.items():
+        idx = [genes.index(g) for g in common]
+        model_preds[m] = p[:, idx]
+        truth, xy = t[:, idx], xy_m
+    plot_spatial_maps(xy, truth, model_preds, MARKERS, common, out / f"maps_{section}.png",
                       title=f"Held-out section {section}: ground truth vs prediction (log2(count+1))")
-    plot_corr_heatmaps(truth, model_preds, genes, out / f"corr_{section}.png")
+    plot_corr_heatmaps(truth, model_preds, common, out / f"corr_{section}.png")
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:

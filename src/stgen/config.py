@@ -48,8 +48,8 @@ class PretrainConfig:
     """Masked auto-encoding pre-training of the embedded expression backbone."""
 
     corpus: list[str] | None = None  # default: all Her2ST sections except the imaged (evaluated) ones
-    n_genes: int = 1024  # backbone vocabulary: top genes by mean over the corpus ∩ CellFM vocabulary
-    genes_per_step: int = 256  # random gene subset forming each step's token set
+    n_genes: int | None = None  # backbone vocabulary cap (top by corpus mean); None = every corpus gene in CellFM's vocabulary
+    genes_per_step: int = 256  # gene subset per step, drawn with probability ~ corpus mean + 10% of its average
     dim: int = 128
     n_layers: int = 4
     n_heads: int = 8

@@ -102,8 +102,8 @@ def get_backbone(
 
     The corpus defaults to every Her2ST section that has no image (none of
     them is ever evaluated); ``evaluated`` sections are refused in it.
-    The vocabulary is the ``pretrain.n_genes`` genes of highest mean over the
-    corpus that are in CellFM's ``gene_info.csv`` and in every corpus section.
+    The vocabulary is every gene of CellFM's ``gene_info.csv`` detected in the
+    corpus (capped at the ``pretrain.n_genes`` of highest mean, if set).
     """
     corpus = _pretrain_corpus(data_dir, cfg, evaluated)
     key = sha256_json({"format": BACKBONE_FORMAT, "corpus": corpus, "pretrain": cfg.pretrain.__dict__,
@@ -117,11 +117,17 @@ def get_backbone(
     t0 = time.time()
     vocab = set(load_vocabulary())
     adatas = [read_counts(data_dir / "ST-cnts" / f"{s}.tsv.gz") for s in corpus]
-    common = set(adatas[0].var_names).intersection(*(a.var_names for a in adatas[1:])) & vocab
-    if not common:
+    # a Her2ST table lists the genes detected in that section: absent genes are zero counts
+    genes_all = sorted(set().union(*(a.var_names for a in adatas)) & vocab)
+    if not genes_all:
         raise InputError("pre-training corpus shares no genes with the CellFM vocabulary")
-    genes_all = sorted(common)
-    values = np.concatenate([transform_counts(a[:, genes_all].X, cfg.data.transform) for a in adatas])
+    col = {g: i for i, g in enumerate(genes_all)}
+    values = np.zeros((sum(a.n_obs for a in adatas), len(genes_all)), dtype=np.float32)
+    row = 0
+    for a in adatas:
+        keep = [j for j, g in enumerate(a.var_names) if g in col]
+        values[row : row + a.n_obs, [col[a.var_names[j]] for j in keep]] = transform_counts(a.X, cfg.data.transform)[:, keep]
+        row += a.n_obs
     order = np.argsort(-values.mean(0), kind="stable")[: cfg.pretrain.n_genes]
     genes = [genes_all[i] for i in order]
     bb, hist = pretrain_backbone(values[:, order], genes, cfg.pretrain, progress=progress)
@@ -230,7 +236,7 @@ class TrainedRun:
         return self.meta["panel"]
 
     def predict(self, feats: np.ndarray, samples: int | None = None, steps: int | None = None,
-                seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                seed: int = 0, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
         if self.meta["model"] == "ridge":
             mean = self.model.predict(feats)
             return mean, np.zeros_like(mean)
@@ -242,7 +248,7 @@ class TrainedRun:
         schedule = MaskSchedule(len(self.panel), h["T"], h["schedule"], h["zeta"])
         gen = torch.Generator().manual_seed(seed)
         mean, std = self.model.generate(torch.as_tensor(feats, dtype=torch.float32), schedule, steps=steps,
-                                        n_samples=samples, generator=gen)
+                                        n_samples=samples, generator=gen, progress=progress)
         return mean.numpy(), std.numpy()
 
 
@@ -295,7 +301,7 @@ def predict(
     f = run.cfg.features
     feats = extract_features(image, xy, patch_px=f.patch_px, encoder=f.encoder, tta=f.tta, batch_size=f.batch_size,
                              cache_dir=Path(cache_dir or default_cache_dir()), show_progress=progress)
-    mean, std = run.predict(feats, samples=samples, steps=steps, seed=seed)
+    mean, std = run.predict(feats, samples=samples, steps=steps, seed=seed, progress=progress)
     is_gen = run.meta["model"] != "ridge"
     h = run.meta.get("hinge", {})
     adata = ad.AnnData(
@@ -340,8 +346,11 @@ def evaluate_prediction(pred_path: str | Path, truth_path: str | Path, out: str 
     pred = ad.read_h5ad(pred_path)
     units = pred.uns.get("stgen", {}).get("units", "log2")
     truth = load_truth(truth_path, units)
-    p, t, genes, spots = align_prediction_to_truth(pred, truth)
-    metrics = evaluate(p, t, genes)
+    try:
+        p, t, genes, spots = align_prediction_to_truth(pred, truth)
+        metrics = evaluate(p, t, genes)
+    except InputError as e:
+        raise InputError(f"{pred_path} vs {truth_path}: {e}") from e
     metrics.update(units=units, prediction=str(pred_path), truth=str(truth_path),
                    model=pred.uns.get("stgen", {}).get("model"))
     if out is not None:

@@ -1,7 +1,8 @@
 """Training loops (PyTorch Lightning): backbone pre-training and HINGE.
 
 * :func:`pretrain_backbone` - masked auto-encoding of the expression backbone
-  (CellFM's pre-training objective): random gene subsets, a random mask ratio
+  (CellFM's pre-training objective): gene subsets drawn with probability
+  proportional to mean expression (plus a floor), a random mask ratio
   per spot in ``[min_mask, max_mask]``, MSE on masked genes only.
 * :func:`train_hinge` - HINGE Supp. A.6: AdamW (lr 1e-4, wd 0), batch 32,
   MultiStepLR at epochs [20, 30] x0.2, at most 50 epochs, early stopping on the
@@ -32,6 +33,8 @@ from .models.hinge import HINGE
 
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
+warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
@@ -61,14 +64,16 @@ def _trainer(max_epochs: int, callbacks: list | None = None, progress: bool = Tr
 class BackbonePretrainModule(L.LightningModule):
     """Masked auto-encoding of an :class:`ExpressionBackbone` on spots (B, G_vocab)."""
 
-    def __init__(self, backbone: ExpressionBackbone, cfg: PretrainConfig, total_steps: int) -> None:
+    def __init__(self, backbone: ExpressionBackbone, cfg: PretrainConfig, total_steps: int,
+                 gene_weights: torch.Tensor) -> None:
         super().__init__()
         self.backbone, self.cfg, self.total_steps = backbone, cfg, total_steps
+        self.gene_weights = gene_weights
 
     def training_step(self, batch, batch_idx):
         (x,) = batch
         g = min(self.cfg.genes_per_step, x.shape[1])
-        idx = torch.randperm(x.shape[1], device=x.device)[:g]
+        idx = torch.multinomial(self.gene_weights.to(x.device), g, replacement=False)
         xs = x[:, idx]
         ratio = torch.empty(x.shape[0], 1, device=x.device).uniform_(self.cfg.min_mask, self.cfg.max_mask)
         visible = torch.rand(xs.shape, device=x.device) >= ratio
@@ -103,7 +108,9 @@ def pretrain_backbone(
     backbone = ExpressionBackbone(genes, bcfg)
     ds = TensorDataset(torch.as_tensor(values, dtype=torch.float32))
     dl = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(ds) > cfg.batch_size)
-    module = BackbonePretrainModule(backbone, cfg, total_steps=max(1, len(dl) * cfg.epochs))
+    mean = torch.as_tensor(values.mean(0), dtype=torch.float32)
+    weights = mean + 0.1 * mean.mean() + 1e-6  # favour expressed genes, still visit every gene
+    module = BackbonePretrainModule(backbone, cfg, total_steps=max(1, len(dl) * cfg.epochs), gene_weights=weights)
     trainer = _trainer(cfg.epochs, progress=progress)
     trainer.fit(module, dl)
     backbone.eval()

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..masking import MaskSchedule, sample_unmasking
 from .backbone import ExpressionBackbone
@@ -122,6 +123,7 @@ class HINGE(nn.Module):
         n_samples: int = 10,
         generator: torch.Generator | None = None,
         batch_size: int = 64,
+        progress: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample expression for spots with features ``feats`` (N, F).
 
@@ -133,7 +135,8 @@ class HINGE(nn.Module):
         n = feats.shape[0]
         rows = feats.repeat(n_samples, 1)  # sample-major: (n_samples * N, F)
         out = torch.empty(rows.shape[0], len(self.panel))
-        for s in range(0, rows.shape[0], batch_size):
+        for s in tqdm(range(0, rows.shape[0], batch_size), desc=f"sampling {n_samples}x{n} spots, K={steps}",
+                      disable=not progress, unit="batch"):
             f = rows[s : s + batch_size]
 
             def denoise(x, vis, t, f=f):
