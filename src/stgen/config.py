@@ -58,7 +58,7 @@ class PretrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     min_mask: float = 0.1
-    max_mask: float = 0.9
+    max_mask: float = 1.0  # up to fully masked spots: HINGE's sampler starts there
     seed: int = 42
 
 

@@ -38,11 +38,18 @@ def _as_2d_float(x: Any, name: str) -> np.ndarray:
     return a
 
 
-def _check_pair(pred: Any, true: Any) -> tuple[np.ndarray, np.ndarray]:
+def _same_shape_pair(pred: Any, true: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Both as 2-D float64 arrays of equal shape (InputError otherwise)."""
     p = _as_2d_float(pred, "pred")
     t = _as_2d_float(true, "true")
     if p.shape != t.shape:
         raise InputError(f"pred and true differ in shape: pred {p.shape} vs true {t.shape}")
+    return p, t
+
+
+def _check_pair(pred: Any, true: Any) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_same_shape_pair` plus finiteness."""
+    p, t = _same_shape_pair(pred, true)
     if not np.isfinite(p).all():
         raise InputError(f"pred (shape {p.shape}) contains NaN or infinite values")
     if not np.isfinite(t).all():
@@ -87,10 +94,7 @@ def pearson_per_gene(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     InputError
         If the arrays are not 2-D of equal shape.
     """
-    p = _as_2d_float(pred, "pred")
-    t = _as_2d_float(true, "true")
-    if p.shape != t.shape:
-        raise InputError(f"pred and true differ in shape: pred {p.shape} vs true {t.shape}")
+    p, t = _same_shape_pair(pred, true)
     zp, cp = _standardised_columns(p)
     zt, ct = _standardised_columns(t)
     r = np.einsum("ij,ij->j", zp, zt)
@@ -155,10 +159,7 @@ def gene_gene_corr_agreement(pred: np.ndarray, true: np.ndarray) -> float:
     InputError
         If the arrays are not 2-D of equal shape.
     """
-    p = _as_2d_float(pred, "pred")
-    t = _as_2d_float(true, "true")
-    if p.shape != t.shape:
-        raise InputError(f"pred and true differ in shape: pred {p.shape} vs true {t.shape}")
+    p, t = _same_shape_pair(pred, true)
     zp, cp = _standardised_columns(p)
     zt, ct = _standardised_columns(t)
     keep = ~(cp | ct)

@@ -41,7 +41,7 @@ from .patches import open_image
 from .train import pretrain_backbone, train_hinge
 
 MODELS = ("hinge", "ridge")
-BACKBONE_FORMAT = 1
+BACKBONE_FORMAT = 2
 
 
 def default_cache_dir() -> Path:

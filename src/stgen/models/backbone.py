@@ -9,7 +9,8 @@ style blocks:
   -> softmax) and then to a ``dim``-d vector through a bin table;
 * multi-head retention (non-causal, linear): Q, K pass a ReLU kernel, U a SiLU
   gate, ``O = SRMSNorm(Q (K^T V)) * U`` per head, then an output projection;
-  masked genes contribute no keys/values (as in CellFM/HINGE masked encoding);
+  masked genes contribute no keys/values in the first half of the layers (as
+  in CellFM/HINGE's masked encoding);
 * a gated linear unit ``o(u(x) * v(x))``;
 * post-norm residuals with DeepNet scaling: ``x <- LN(alpha * x + f(x))`` with
   ``alpha = (2 L)^{1/4}`` for ``L`` layers.
@@ -46,12 +47,22 @@ class BackboneConfig:
     ----------
     dim, n_layers, n_heads : transformer width, depth and retention heads.
     value_bins : number of soft bins of the CellFM value encoder.
+    masked_kv_layers : how many of the first layers drop masked genes from keys
+        and values; ``None`` = the first half, as in CellFM/HINGE's masked
+        encoder. Later layers let every token (masked ones carry what the
+        earlier layers gathered from visible genes and the condition) exchange
+        information, so even an all-masked spot gets gene-gene coupling.
     """
 
     dim: int = 128
     n_layers: int = 4
     n_heads: int = 8
     value_bins: int = 64
+    masked_kv_layers: int | None = None
+
+    @property
+    def n_masked_kv_layers(self) -> int:
+        return self.n_layers // 2 if self.masked_kv_layers is None else self.masked_kv_layers
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -228,10 +239,15 @@ class ExpressionBackbone(nn.Module):
         tok = self.value_enc(values * vis) * vis.unsqueeze(-1) + self.mask_emb * (1 - vis).unsqueeze(-1)
         return tok + self.gene_emb(gene_idx)
 
+    def kv_masks(self, visible: torch.Tensor) -> list[torch.Tensor | None]:
+        """Per block: ``visible`` for the first ``n_masked_kv_layers`` blocks, else None."""
+        k = self.config.n_masked_kv_layers
+        return [visible if i < k else None for i in range(len(self.blocks))]
+
     def encode(self, values: torch.Tensor, gene_idx: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         x = self.embed(values, gene_idx, visible)
-        for blk in self.blocks:
-            x = blk(x, visible)
+        for blk, kv in zip(self.blocks, self.kv_masks(visible)):
+            x = blk(x, kv)
         return x
 
     def forward(self, values: torch.Tensor, gene_idx: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:

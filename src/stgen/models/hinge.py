@@ -107,8 +107,8 @@ class HINGE(nn.Module):
     def forward(self, x_t: torch.Tensor, visible: torch.Tensor, t: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         c = self.condition(feats, t)
         h = self.backbone.embed(x_t, self.gene_idx, visible)
-        for blk, ma, mf in zip(self.backbone.blocks, self.mod_attn, self.mod_ffn):
-            h = blk(h, visible, cond=c, mod_attn=ma, mod_ffn=mf)
+        for blk, kv, ma, mf in zip(self.backbone.blocks, self.backbone.kv_masks(visible), self.mod_attn, self.mod_ffn):
+            h = blk(h, kv, cond=c, mod_attn=ma, mod_ffn=mf)
         return self.decoder(self.mod_dec(h, c)[0])
 
     def trainable_parameters(self) -> list[nn.Parameter]:
