@@ -130,3 +130,17 @@ def test_train_hinge_learns_histology_signal():
     assert std.shape == after.shape and torch.all(std >= 0)
     # the frozen backbone did not move
     assert all(not p.requires_grad for p in model.backbone.parameters())
+
+
+def test_masked_kv_only_in_first_half_couples_all_masked_genes():
+    """All-masked spot: with masked keys/values in every layer each gene is predicted alone;
+    with the CellFM/HINGE rule (first half only) the other genes of the panel matter."""
+    vis = torch.zeros(2, 6, dtype=torch.bool)
+    x = torch.zeros(2, 6)
+    for n_masked, coupled in ((4, False), (None, True)):
+        torch.manual_seed(0)
+        bb = ExpressionBackbone(GENES, BackboneConfig(dim=32, n_layers=4, n_heads=4, value_bins=16,
+                                                      masked_kv_layers=n_masked))
+        a = bb(x, bb.gene_index(GENES[:6]), vis)[:, 0]
+        b = bb(x, bb.gene_index([GENES[0], *GENES[10:15]]), vis)[:, 0]
+        assert torch.allclose(a, b, atol=1e-6) != coupled
