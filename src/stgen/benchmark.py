@@ -26,8 +26,7 @@ from .config import StgenConfig
 from .data.her2st import list_sections
 from .errors import InputError
 from .io import atomic_path
-from .metrics import align_prediction_to_truth, evaluate
-from .pipeline import _check_model, config_hash, fit, image_for_section, load_truth, predict
+from .pipeline import _check_model, config_hash, fit, image_for_section, load_truth, predict, score_prediction
 from .plots import plot_corr_heatmaps, plot_metric_bars, plot_spatial_maps
 
 MARKERS = ("ERBB2", "FASN", "GNAS")
@@ -66,7 +65,9 @@ def run_benchmark(
         raise InputError(f"section(s) {bad} have no image in {data_dir}; available: {imaged}")
     rows = []
     for section in sections:
-        preds, truth = {}, None
+        preds: dict = {}
+        truths: dict = {}  # units -> truth AnnData, read once per section
+        counts = data_dir / "ST-cnts" / f"{section}.tsv.gz"
         for model in models:
             run_dir = out / "runs" / model / section
             meta = _fit_or_reuse(data_dir, section, model, run_dir, cfg, cache_dir, progress)
@@ -76,14 +77,16 @@ def run_benchmark(
                            data_dir / "ST-spotfiles" / f"{section}_selection.tsv", pred_path,
                            cache_dir=cache_dir, progress=progress)
             t_pred = time.time() - t0
-            truth = load_truth(data_dir / "ST-cnts" / f"{section}.tsv.gz", pred.uns["stgen"]["units"])
-            p, t, genes, spots = align_prediction_to_truth(pred, truth)
-            m = evaluate(p, t, genes)
+            units = pred.uns["stgen"]["units"]
+            if units not in truths:
+                truths[units] = load_truth(counts, units)
+            sc = score_prediction(pred, truths[units], f"{pred_path} vs {counts}")
+            m = sc.metrics
             rows.append({"section": section, "model": model, **{k: m[k] for k in METRICS},
                          "n_spots": m["n_spots"], "n_genes": m["n_genes"],
                          "fit_s": meta.get("timings", {}).get("fit_total_s"),
                          "predict_s": round(t_pred, 2), "spots_per_s": round(m["n_spots"] / t_pred, 1)})
-            preds[model] = (p, genes, pred[spots].obsm["spatial"], t)
+            preds[model] = (sc.pred, sc.genes, pred[sc.spots].obsm["spatial"], sc.true)
         _section_plots(out, section, preds)
     df = pd.DataFrame(rows)
     write_report(df, out, cfg)

@@ -130,7 +130,12 @@ def get_backbone(
         row += a.n_obs
     order = np.argsort(-values.mean(0), kind="stable")[: cfg.pretrain.n_genes]
     genes = [genes_all[i] for i in order]
-    bb, hist = pretrain_backbone(values[:, order], genes, cfg.pretrain, progress=progress)
+    # reorder columns block by block in place: the dense corpus matrix (~1 GB for
+    # Her2ST) is never copied whole
+    for r in range(0, values.shape[0], 1024):
+        values[r : r + 1024, : len(order)] = values[r : r + 1024][:, order]
+    values = values[:, : len(order)]
+    bb, hist = pretrain_backbone(values, genes, cfg.pretrain, progress=progress)
     meta = {"genes": genes, "config": bb.config.to_dict(), "corpus": corpus, "n_spots": int(values.shape[0]),
             "pretrain_seconds": round(time.time() - t0, 1), **hist}
     with atomic_dir(bdir) as tmp:
@@ -338,6 +343,30 @@ def load_truth(path: str | Path, units: str) -> ad.AnnData:
                       var=pd.DataFrame(index=truth.var_names))
 
 
+@dataclass
+class Scored:
+    """A prediction aligned to its truth: ``pred``/``true`` (N, G) over common ``spots`` x ``genes``."""
+
+    metrics: dict
+    pred: np.ndarray
+    true: np.ndarray
+    genes: list[str]
+    spots: list[str]
+
+
+def score_prediction(pred: ad.AnnData, truth: ad.AnnData, label: str) -> Scored:
+    """Align a prediction to the truth (same units) and compute the metrics.
+
+    ``label`` (e.g. the two file names) prefixes any InputError, such as panel
+    genes missing from the truth or no common spots.
+    """
+    try:
+        p, t, genes, spots = align_prediction_to_truth(pred, truth)
+        return Scored(evaluate(p, t, genes), p, t, genes, spots)
+    except InputError as e:
+        raise InputError(f"{label}: {e}") from e
+
+
 def evaluate_prediction(pred_path: str | Path, truth_path: str | Path, out: str | Path | None = None) -> dict:
     """PCC-50, PCC-200, MSE, MAE, gene-gene correlation agreement and per-gene r."""
     pred_path = Path(pred_path)
@@ -345,12 +374,7 @@ def evaluate_prediction(pred_path: str | Path, truth_path: str | Path, out: str 
         raise InputError(f"prediction file {pred_path} does not exist")
     pred = ad.read_h5ad(pred_path)
     units = pred.uns.get("stgen", {}).get("units", "log2")
-    truth = load_truth(truth_path, units)
-    try:
-        p, t, genes, spots = align_prediction_to_truth(pred, truth)
-        metrics = evaluate(p, t, genes)
-    except InputError as e:
-        raise InputError(f"{pred_path} vs {truth_path}: {e}") from e
+    metrics = score_prediction(pred, load_truth(truth_path, units), f"{pred_path} vs {truth_path}").metrics
     metrics.update(units=units, prediction=str(pred_path), truth=str(truth_path),
                    model=pred.uns.get("stgen", {}).get("model"))
     if out is not None:
@@ -365,4 +389,4 @@ def image_for_section(data_dir: Path, section: str) -> Path:
     return img
 
 
-__all__ = ["fit", "predict", "evaluate_prediction", "load_run", "get_backbone", "MODELS"]
+__all__ = ["fit", "predict", "evaluate_prediction", "score_prediction", "load_run", "get_backbone", "MODELS"]
