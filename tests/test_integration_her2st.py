@@ -112,3 +112,89 @@ def test_ridge_and_bad_inputs_through_cli(workdir):
                                    "--out", str(workdir / "y.h5ad"), "--cache", str(cache)])
     assert res.exit_code == 2 and "outside the image" in res.output
     assert not (workdir / "y.h5ad").exists()
+
+
+# ---------------------------------------------------------------- external backbones
+def _tiny_cellfm_ckpt(path: Path) -> Path:
+    """A random CellFM over the real 27,855-gene vocabulary at a tiny width, as a MindSpore .ckpt."""
+    import torch
+
+    from stgen.io_mindspore import write_mindspore_ckpt
+    from stgen.models.cellfm import CellFMBackbone, CellFMConfig, default_vocab_dir, read_vocab
+
+    genes = read_vocab(default_vocab_dir() / "expand_gene_info.csv")
+    torch.manual_seed(0)
+    bb = CellFMBackbone(CellFMConfig.cellfm_80m(dim=16, n_heads=2, value_bins=16, name="test"), genes)
+    return write_mindspore_ckpt(path, {k: v.detach().numpy() for k, v in bb.state_dict().items()})
+
+
+def test_fit_predict_with_converted_cellfm_backbone(workdir):
+    """`stgen convert cellfm` -> `fit --backbone cellfm:...` -> predict; the run keeps only the adapter."""
+    from safetensors.torch import load_file, save_file
+
+    from stgen.models.cellfm import CellFMConfig, convert_cellfm
+
+    cache = workdir / "cache"
+    ckpt = _tiny_cellfm_ckpt(workdir / "cellfm_tiny.ckpt")
+    # the CLI knows the released presets: a tiny checkpoint must be refused with the key named
+    res = CliRunner().invoke(app, ["convert", "cellfm", str(ckpt), "--out", str(workdir / "bad.safetensors"),
+                                   "--preset", "CellFM-80M"])
+    assert res.exit_code == 2 and "gene_emb" in res.output and not (workdir / "bad.safetensors").exists()
+    conv = convert_cellfm(ckpt, workdir / "cellfm_tiny.safetensors",
+                          CellFMConfig.cellfm_80m(dim=16, n_heads=2, value_bins=16, name="test"))
+    run = workdir / "run_cellfm"
+    _invoke("fit", "--data", DATA, "--test-section", "C2", "--out", run, "--backbone", f"cellfm:{conv}",
+            "--config", workdir / "small.yaml", "--cache", cache, "--quiet")
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["backbone"]["kind"] == "cellfm" and len(meta["backbone"]["sha256"]) == 64
+    assert len(meta["panel"]) >= 50
+    state = load_file(run / "model.safetensors")
+    assert state and not any(k.startswith("backbone.") for k in state)  # adapter only
+    img = next((DATA / "ST-imgs" / "C" / "C2").glob("*.jpg"))
+    pred_path = workdir / "C2_cellfm.h5ad"
+    _invoke("predict", "--model", run, "--image", img, "--spots", DATA / "ST-spotfiles" / "C2_selection.tsv",
+            "--out", pred_path, "--cache", cache, "--quiet", "--batch-size", "17", "--device", "cpu")
+    pred = ad.read_h5ad(pred_path)
+    assert pred.n_obs == 187 and list(pred.var_names) == meta["panel"] and np.isfinite(pred.X).all()
+    # a backbone file that changed after training is refused, and nothing is written
+    sd = load_file(conv)
+    sd["value_dec.w2.weight"] = sd["value_dec.w2.weight"] + 1.0
+    save_file({k: v.contiguous() for k, v in sd.items()}, conv)
+    res = CliRunner().invoke(app, ["predict", "--model", str(run), "--image", str(img), "--spots",
+                                   str(DATA / "ST-spotfiles" / "C2_selection.tsv"), "--out",
+                                   str(workdir / "z.h5ad"), "--cache", str(cache), "--quiet"])
+    assert res.exit_code == 2 and "changed since the run was trained" in res.output
+    assert not (workdir / "z.h5ad").exists()
+
+
+def test_fit_with_scgpt_backbone_and_bad_backbone_specs(workdir):
+    import torch
+
+    from stgen.models.cellfm import default_vocab_dir, read_vocab
+    from stgen.models.scgpt import ScGPTBackbone, ScGPTConfig, to_scgpt_state_dict
+
+    cache = workdir / "cache"
+    genes = read_vocab(default_vocab_dir() / "gene_info.csv")
+    vocab = {**{g: i for i, g in enumerate(genes)}, "<pad>": len(genes), "<cls>": len(genes) + 1,
+             "<eoc>": len(genes) + 2}
+    args = {"embsize": 16, "nheads": 2, "d_hid": 32, "nlayers": 2, "n_bins": 51, "input_style": "binned",
+            "input_emb_style": "continuous", "pad_token": "<pad>", "pad_value": -2, "mask_value": -1}
+    torch.manual_seed(0)
+    bb = ScGPTBackbone(vocab, ScGPTConfig.from_args(args))
+    mdir = workdir / "scGPT_tiny"
+    mdir.mkdir()
+    torch.save(to_scgpt_state_dict(bb, "flash"), mdir / "best_model.pt")
+    (mdir / "args.json").write_text(json.dumps(args))
+    (mdir / "vocab.json").write_text(json.dumps(vocab))
+    run = workdir / "run_scgpt"
+    _invoke("fit", "--data", DATA, "--test-section", "C2", "--out", run, "--backbone", f"scgpt:{mdir}",
+            "--config", workdir / "small.yaml", "--cache", cache, "--quiet")
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["backbone"]["kind"] == "scgpt" and meta["training"]["best_epoch"] >= 0
+    for spec, msg in [("gpt4:/x", "unknown backbone"), ("cellfm", "give a path"),
+                      (f"scgpt:{workdir / 'nope'}", "does not exist")]:
+        res = CliRunner().invoke(app, ["fit", "--data", str(DATA), "--test-section", "C2", "--out",
+                                       str(workdir / "bad_run"), "--backbone", spec, "--config",
+                                       str(workdir / "small.yaml"), "--cache", str(cache), "--quiet"])
+        assert res.exit_code == 2 and msg in res.output, (spec, res.output)
+        assert not (workdir / "bad_run").exists()

@@ -1,4 +1,4 @@
-"""Command-line interface: ``stgen pretrain | fit | predict | evaluate | benchmark``.
+"""Command-line interface: ``stgen pretrain | fit | predict | evaluate | benchmark | ablate``.
 
 Every user-caused error (bad file, unknown section, ...) is printed as one line
 ``error: ...`` on stderr with exit code 2; nothing half-written is left behind.
@@ -56,12 +56,17 @@ def pretrain(data: Optional[Path] = DataOpt, config: Optional[Path] = ConfigOpt,
 def fit(test_section: str = typer.Option(..., "--test-section", help="held-out section, e.g. C2"),
         out: Path = typer.Option(..., "--out", help="RUN_DIR to create"),
         model: str = typer.Option("hinge", "--model", help="hinge | ridge"),
+        backbone: Optional[str] = typer.Option(
+            None, "--backbone", help="HINGE backbone: default | cellfm:PATH.safetensors (see `stgen convert cellfm`) "
+            "| scgpt:MODEL_DIR (best_model.pt, args.json, vocab.json); overrides hinge.backbone of --config"),
         data: Optional[Path] = DataOpt, config: Optional[Path] = ConfigOpt, cache: Optional[Path] = CacheOpt,
         quiet: bool = QuietOpt) -> None:
     """Train on every imaged section except --test-section and write RUN_DIR."""
     from .pipeline import fit as _fit
 
     cfg = _run(StgenConfig.load, config)
+    if backbone is not None:
+        cfg.hinge.backbone = backbone
     meta = _run(_fit, _data(data), test_section, out, model=model, cfg=cfg, cache_dir=cache, progress=not quiet)
     tr = meta.get("training", {})
     typer.echo(f"{model}: {len(meta['panel'])} genes, {meta['n_train_spots']} training spots from "
@@ -77,12 +82,15 @@ def predict(model: Path = typer.Option(..., "--model", help="RUN_DIR written by 
             out: Path = typer.Option(..., "--out", help="output .h5ad"),
             samples: Optional[int] = typer.Option(None, "--samples", help="samples averaged (HINGE; default 10)"),
             steps: Optional[int] = typer.Option(None, "--steps", help="unmasking steps K <= T (HINGE; default 5)"),
+            batch_size: Optional[int] = typer.Option(None, "--batch-size", help="spots x samples per sampler batch (default 64)"),
+            device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda when available)"),
+            precision: Optional[str] = typer.Option(None, "--precision", help="32-true | bf16-mixed | 16-mixed (default: as trained)"),
             seed: int = typer.Option(0, "--seed"), cache: Optional[Path] = CacheOpt, quiet: bool = QuietOpt) -> None:
     """Predict spot-level expression for an H&E image and write an AnnData (.h5ad)."""
     from .pipeline import predict as _predict
 
     a = _run(_predict, model, image, spots, out, samples=samples, steps=steps, cache_dir=cache, seed=seed,
-             progress=not quiet)
+             progress=not quiet, batch_size=batch_size, device=device, precision=precision)
     typer.echo(f"predicted {a.n_obs} spots x {a.n_vars} genes ({a.uns['stgen']['units']}) -> {out}")
 
 
@@ -111,6 +119,82 @@ def benchmark(out: Path = typer.Option(..., "--out", help="REPORT_DIR"),
     secs = [s.strip() for s in sections.split(",")] if sections else None
     _run(run_benchmark, _data(data), out, ms, cfg, sections=secs, cache_dir=cache, progress=not quiet)
     typer.echo(f"report -> {out / 'report.md'}")
+
+
+@app.command()
+def ablate(test_section: Optional[str] = typer.Option(
+               None, "--test-section", help="held-out section(s), comma-separated, e.g. C2 or C2,C5 (mean + per-section rows)"),
+           out: Optional[Path] = typer.Option(None, "--out", help="OUT_DIR (runs/, preds/, ablation.csv|md|png)"),
+           variants: Optional[str] = typer.Option(
+               None, "--variants", help="comma-separated variant names or groups (backbone, objective, conditioning, "
+               "schedule); fragments such as nocurr, lora, zeta=2 work; default: all (see --list)"),
+           list_: bool = typer.Option(False, "--list", help="print the ablation registry and exit"),
+           data: Optional[Path] = DataOpt, config: Optional[Path] = ConfigOpt, cache: Optional[Path] = CacheOpt,
+           quiet: bool = QuietOpt) -> None:
+    """HINGE ablations (paper Tables S2-S4): fit, predict and score every variant on held-out section(s)."""
+    from .ablation import all_variants, run_ablation
+
+    if list_:
+        for group, name, override in all_variants():
+            typer.echo(f"{group:13s} {name:24s} {json.dumps(override, sort_keys=True)}")
+        return
+    if not test_section or out is None:
+        _run(_raise, "stgen ablate needs --test-section and --out (or --list)")
+    cfg = _run(StgenConfig.load, config)
+    secs = [s.strip() for s in test_section.split(",") if s.strip()]
+    names = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
+    _run(run_ablation, _data(data), secs, out, names, cfg, cache_dir=cache, progress=not quiet)
+    typer.echo(f"ablation table -> {out / 'ablation.md'}")
+
+
+@app.command()
+def steps(model: Path = typer.Option(..., "--model", help="HINGE RUN_DIR written by `stgen fit`"),
+          out: Path = typer.Option(..., "--out", help="OUT_DIR (stepwise.csv, budget.csv, PNGs, summary.md)"),
+          section: Optional[str] = typer.Option(None, "--section", help="section to score (default: the run's held-out one)"),
+          ks: str = typer.Option("1,2,5,10,25,50", "--ks", help="inference budgets K of the sweep"),
+          samples: Optional[int] = typer.Option(None, "--samples", help="samples averaged (default: the run's)"),
+          repeats: int = typer.Option(1, "--repeats", help="timed repeats per K (median reported)"),
+          seed: int = typer.Option(0, "--seed"), data: Optional[Path] = DataOpt, cache: Optional[Path] = CacheOpt,
+          quiet: bool = QuietOpt) -> None:
+    """Step-wise analysis (HINGE Fig. S7): metrics of x0_hat(t) along a full T-step run, and metrics vs K."""
+    from .analysis import run_step_analysis
+
+    try:
+        budgets = [int(k) for k in ks.split(",") if k.strip()]
+    except ValueError:
+        budgets = _run(_raise, f"--ks must be comma-separated integers, got {ks!r}")
+    summary = _run(run_step_analysis, model, data, section, out, samples=samples, seed=seed, ks=budgets,
+                   repeats=repeats, cache_dir=cache, progress=not quiet)
+    typer.echo(f"step analysis of {summary.get('section', section)} -> {out / 'summary.md'}")
+
+
+convert_app = typer.Typer(no_args_is_help=True, help="Convert released foundation-model checkpoints for use as HINGE backbones.")
+app.add_typer(convert_app, name="convert")
+
+
+@convert_app.command("cellfm")
+def convert_cellfm(ckpt: Path = typer.Argument(..., help="MindSpore CellFM checkpoint (.ckpt)"),
+                   out: Path = typer.Option(..., "--out", help="BACKBONE.safetensors to write (+ BACKBONE.json sidecar)"),
+                   preset: str = typer.Option("CellFM-800M", "--preset", help="CellFM-800M | CellFM-80M"),
+                   vocab: Optional[Path] = typer.Option(None, "--vocab", help="gene table whose row order gives token ids "
+                                                        "(default: ../shared/vocab/cellfm/expand_gene_info.csv)"),
+                   key_prefix: str = typer.Option("", "--key-prefix", help="prefix stripped from checkpoint names"),
+                   dtype: str = typer.Option("float32", "--dtype", help="float32 | float16 | keep")) -> None:
+    """Read a MindSpore CellFM .ckpt (no MindSpore needed) and write safetensors + vocabulary sidecar."""
+    from .models.cellfm import convert_cellfm as _convert
+
+    if not ckpt.is_file():
+        _run(_raise, f"checkpoint {ckpt} does not exist")
+    path = _run(_convert, ckpt, out, preset, vocab_csv=vocab, key_prefix=key_prefix,
+                dtype=None if dtype == "keep" else dtype)
+    typer.echo(f"converted {ckpt} -> {path} (+ {path.with_suffix('.json').name}); use it with "
+               f"`stgen fit --backbone cellfm:{path}`")
+
+
+def _raise(msg: str) -> None:
+    from .errors import InputError
+
+    raise InputError(msg)
 
 
 def main() -> None:  # pragma: no cover

@@ -86,6 +86,18 @@ class HingeTrainConfig:
     steps: int = 5  # default inference budget K
     samples: int = 10  # default number of averaged samples
     seed: int = 42
+    backbone: str = "default"  # default | cellfm:PATH.safetensors (from `stgen convert cellfm`) | scgpt:MODEL_DIR
+    precision: str = "32-true"  # Lightning precision for training, e.g. bf16-mixed (also used to sample)
+    sample_batch_size: int = 64  # spots x samples per sampler batch
+    # ablation switches (HINGE Supp. Tables S2-S4; named overrides in stgen.ablation); defaults = HINGE
+    adaptation: str = "hinge"  # hinge | scratch | decoder_tune | lora (backbone adaptation)
+    lora_rank: int = 8  # LoRA rank r (adaptation: lora)
+    lora_alpha: float = 8.0  # LoRA update scale alpha / r (adaptation: lora)
+    objective: str = "mask"  # mask (masked diffusion) | gauss (Gaussian diffusion, x0-prediction, DDIM)
+    mask_ratio: str = "schedule"  # schedule: t ~ U{1..T}, ratio 1 - alpha_bar(t) | uniform: ratio ~ U(0, 1), t nearest
+    soft_norm: bool = True  # SoftNorm with learned eta (False: eta fixed at 1, plain LayerNorm)
+    identity_init: bool = True  # zero-initialised SoftAdaLN heads (False: PyTorch default init)
+    gate: bool = True  # SoftAdaLN output gate tau(c) (False: no gate)
 
 
 @dataclass

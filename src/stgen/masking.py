@@ -83,6 +83,15 @@ class MaskSchedule:
         """Genes masked at integer timestep ``t`` in the sampler: ``round(G (1 - alpha_bar(t)))``."""
         return int(round(self.n_genes * (1.0 - float(self.alpha_bar(t)))))
 
+    def nearest_timestep(self, ratio: torch.Tensor) -> torch.Tensor:
+        """Timestep ``t`` in 1..T whose mask ratio ``1 - alpha_bar(t)`` is nearest to ``ratio``.
+
+        ``ratio`` (B,) float in [0, 1] -> (B,) long on the same device (ties: smaller ``t``).
+        """
+        ratios = 1.0 - self.alpha_bar(torch.arange(1, self.T + 1))  # (T,) float64
+        idx = (ratio.detach().double().cpu()[:, None] - ratios[None]).abs().argmin(dim=1)
+        return (idx + 1).to(ratio.device)
+
     def max_t_for_ratio(self, ratio: float) -> int:
         """Largest ``t >= 1`` with mask ratio ``1 - alpha_bar(t) <= ratio`` (warm-start curriculum)."""
         ts = torch.arange(1, self.T + 1)
@@ -96,6 +105,29 @@ def forward_mask(
     """Sample visible genes for timesteps ``t`` (B,): returns bool (B, G), True = visible."""
     u = torch.rand(t.shape[0], n_genes, generator=generator, device=t.device)
     return u < schedule.alpha_bar(t.cpu()).to(device=t.device, dtype=u.dtype).unsqueeze(1)
+
+
+def uniform_ratio_mask(
+    n_spots: int,
+    n_genes: int,
+    schedule: MaskSchedule,
+    max_ratio: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """"RandMask" forward masking (HINGE Supp. Tables S2/S3, Objective rows).
+
+    Each spot draws its own mask ratio ``r ~ U(0, max_ratio)`` (instead of the
+    schedule's ratio ``1 - alpha_bar(t)`` at ``t ~ U{1..T}``); each gene is then
+    masked independently with probability ``r``. The spot's timestep is the
+    schedule step whose ratio is nearest to ``r``, so the timestep embedding
+    still tells the model how much is masked.
+
+    Returns ``(t (B,) long, visible (B, G) bool, ratio (B,) float)``.
+    """
+    ratio = torch.rand(n_spots, generator=generator, device=device) * max_ratio
+    visible = torch.rand(n_spots, n_genes, generator=generator, device=device) >= ratio[:, None]
+    return schedule.nearest_timestep(ratio), visible, ratio
 
 
 def reverse_timesteps(T: int, steps: int) -> list[int]:
@@ -117,6 +149,7 @@ def sample_unmasking(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
     on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    x0_first: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One reverse masked-diffusion run for ``n_spots`` spots.
 
@@ -127,6 +160,9 @@ def sample_unmasking(
     schedule : the training schedule (its ``T`` and ``n_genes``).
     steps : inference budget ``K`` (1..T).
     on_step : optional ``on_step(t, x0_hat, visible)`` after each step (step analysis).
+    x0_first : optional (B, G) prediction of the first step (``t = T``, nothing
+        visible) if already known: it depends on the spot only, not on the
+        random order, so it can be shared by all samples of a spot.
 
     Returns
     -------
@@ -134,11 +170,12 @@ def sample_unmasking(
     """
     g = schedule.n_genes
     ts = reverse_timesteps(schedule.T, steps)
-    rank = torch.rand(n_spots, g, generator=generator).argsort(dim=1).argsort(dim=1).to(device)
+    order = torch.rand(n_spots, g, generator=generator).argsort(dim=1)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(g).expand_as(order)).to(device)  # inverse perm.
     x = torch.zeros(n_spots, g, device=device)
     visible = torch.zeros(n_spots, g, dtype=torch.bool, device=device)
-    for t_cur, t_next in zip(ts[:-1], ts[1:]):
-        x0_hat = denoise(x, visible, t_cur)
+    for i, (t_cur, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+        x0_hat = x0_first if i == 0 and x0_first is not None else denoise(x, visible, t_cur)
         reveal = (rank < g - schedule.masked_count(t_next)) & ~visible
         x = torch.where(reveal, x0_hat, x)
         visible |= reveal

@@ -6,11 +6,14 @@ needs, written atomically (a failed fit leaves no RUN_DIR behind):
 * ``run.json`` - model kind, target units, gene panel, feature settings,
   backbone/HINGE configs, training history and timings;
 * ``config.yaml`` - the full resolved configuration;
-* ``model.safetensors`` (HINGE: adapter + frozen backbone) or ``ridge.npz``.
+* ``model.safetensors`` (HINGE: adapter + frozen default backbone; with an
+  external ``cellfm:``/``scgpt:`` backbone the adapter only, the backbone's path
+  and SHA-256 being in ``run.json``) or ``ridge.npz``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -35,10 +38,13 @@ from .io import atomic_dir, atomic_path, sha256_json, write_json
 from .masking import MaskSchedule
 from .metrics import align_prediction_to_truth, evaluate
 from .models.backbone import BackboneConfig, ExpressionBackbone
+from .models.external import load_external_backbone, parse_backbone_spec
 from .models.hinge import HINGE, HingeConfig
 from .models.ridge import RidgeBaseline
 from .patches import open_image
 from .train import pretrain_backbone, train_hinge
+
+log = logging.getLogger(__name__)
 
 MODELS = ("hinge", "ridge")
 BACKBONE_FORMAT = 2
@@ -184,12 +190,20 @@ def fit(
     backbone = None
     if model == "hinge":
         t0 = time.time()
-        backbone, bmeta = get_backbone(data_dir, cfg, cache_dir, evaluated=[test_section, *train], progress=progress)
+        kind, bpath = parse_backbone_spec(cfg.hinge.backbone)
+        if kind == "default":
+            backbone, bmeta = get_backbone(data_dir, cfg, cache_dir, evaluated=[test_section, *train], progress=progress)
+            meta["backbone"] = {"kind": "default", "genes": backbone.genes, "config": backbone.config.to_dict(),
+                                "corpus": bmeta["corpus"]}
+        else:
+            backbone, meta["backbone"] = load_external_backbone(kind, bpath)
         timings["backbone_s"] = round(time.time() - t0, 1)
         dropped = [g for g in panel if g not in backbone.gene_to_idx]
         panel = [g for g in panel if g in backbone.gene_to_idx]
-        meta["backbone"] = {"genes": backbone.genes, "config": backbone.config.to_dict(),
-                            "corpus": bmeta["corpus"], "panel_genes_dropped": dropped}
+        meta["backbone"]["panel_genes_dropped"] = dropped
+        if dropped:
+            log.warning("%d panel gene(s) are not in the %s backbone vocabulary and are dropped: %s",
+                        len(dropped), kind, dropped[:20])
     if not panel:
         raise InputError("the gene panel is empty after intersecting with the backbone vocabulary")
     t0 = time.time()
@@ -204,13 +218,19 @@ def fit(
         if model == "hinge":
             h = cfg.hinge
             schedule = MaskSchedule(len(panel), h.T, h.schedule, h.zeta)
-            hcfg = HingeConfig(cond_dim=h.cond_dim, time_dim=h.time_dim)
+            hcfg = HingeConfig.from_train_config(h)  # architecture + ablation switches (stgen.ablation)
             net = HINGE(backbone, panel, feats.shape[1], h.T, hcfg)
             meta["training"] = train_hinge(net, feats, targets, h, schedule, progress=progress)
             meta["hinge"] = {"config": hcfg.to_dict(), "T": h.T, "schedule": h.schedule, "zeta": schedule.exponent,
-                             "steps": h.steps, "samples": h.samples,
+                             "steps": h.steps, "samples": h.samples, "mask_ratio": h.mask_ratio,
+                             "curriculum_epochs": h.curriculum_epochs,
                              "n_trainable": sum(p.numel() for p in net.trainable_parameters())}
-            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp / "model.safetensors")
+            # an external backbone stays where it is (run.json has its path and SHA-256); trained
+            # backbone weights (LoRA adapters, a Scratch backbone) are saved
+            external = meta["backbone"]["kind"] != "default"
+            frozen = net.frozen_state_keys() if external else set()
+            state = {k: v.contiguous() for k, v in net.state_dict().items() if k not in frozen}
+            save_file(state, tmp / "model.safetensors")
         else:
             RidgeBaseline(n_components=cfg.ridge.n_components, seed=cfg.hinge.seed).fit(feats, targets).save(tmp)
         timings["train_s"] = round(time.time() - t0, 1)
@@ -241,20 +261,34 @@ class TrainedRun:
         return self.meta["panel"]
 
     def predict(self, feats: np.ndarray, samples: int | None = None, steps: int | None = None,
-                seed: int = 0, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                seed: int = 0, progress: bool = False, batch_size: int | None = None,
+                device: str | None = None, precision: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and sd over samples, (N, G) each, in the run's target units.
+
+        ``device`` defaults to CUDA when available; ``precision`` (default: the
+        run's training precision) ``bf16-mixed``/``16-mixed`` samples under autocast.
+        """
         if self.meta["model"] == "ridge":
             mean = self.model.predict(feats)
             return mean, np.zeros_like(mean)
         h = self.meta["hinge"]
         steps = steps or h["steps"]
         samples = samples or h["samples"]
+        batch_size = batch_size or self.cfg.hinge.sample_batch_size
         if samples < 1:
             raise InputError(f"--samples must be >= 1, got {samples}")
+        if batch_size < 1:
+            raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+        precision = precision or self.cfg.hinge.precision
+        dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0])
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         schedule = MaskSchedule(len(self.panel), h["T"], h["schedule"], h["zeta"])
         gen = torch.Generator().manual_seed(seed)
-        mean, std = self.model.generate(torch.as_tensor(feats, dtype=torch.float32), schedule, steps=steps,
-                                        n_samples=samples, generator=gen, progress=progress)
-        return mean.numpy(), std.numpy()
+        model = self.model.to(dev)
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+            mean, std = model.generate(torch.as_tensor(feats, dtype=torch.float32, device=dev), schedule, steps=steps,
+                                       n_samples=samples, generator=gen, progress=progress, batch_size=batch_size)
+        return mean.float().cpu().numpy(), std.float().cpu().numpy()
 
 
 def load_run(run_dir: str | Path) -> TrainedRun:
@@ -267,11 +301,21 @@ def load_run(run_dir: str | Path) -> TrainedRun:
     if meta["model"] == "ridge":
         return TrainedRun(meta, cfg, RidgeBaseline.load(run_dir))
     b = meta["backbone"]
-    bb = ExpressionBackbone(b["genes"], BackboneConfig(**b["config"]))
+    kind = b.get("kind", "default")
+    if kind == "default":
+        bb = ExpressionBackbone(b["genes"], BackboneConfig(**b["config"]))
+    else:
+        bb, _ = load_external_backbone(kind, Path(b["path"]), expect_sha256=b["sha256"])
     net = HINGE(bb, meta["panel"], meta["feature_dim"], meta["hinge"]["T"], HingeConfig(**meta["hinge"]["config"]))
     try:
-        net.load_state_dict(load_file(run_dir / "model.safetensors"), strict=True)
+        state = load_file(run_dir / "model.safetensors")
     except (RuntimeError, OSError) as e:
+        raise InputError(f"{run_dir / 'model.safetensors'} is not a readable safetensors file: {e}") from e
+    if kind != "default":  # adapter only: the frozen backbone comes from its own file
+        state = {**{k: v for k, v in net.state_dict().items() if k.startswith("backbone.")}, **state}
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
         raise InputError(f"{run_dir / 'model.safetensors'} does not match run.json: {e}") from e
     return TrainedRun(meta, cfg, net.eval())
 
@@ -286,6 +330,9 @@ def predict(
     cache_dir: str | Path | None = None,
     seed: int = 0,
     progress: bool = True,
+    batch_size: int | None = None,
+    device: str | None = None,
+    precision: str | None = None,
 ) -> ad.AnnData:
     """Predict the panel's expression at every spot of ``spots`` on ``image``.
 
@@ -306,7 +353,8 @@ def predict(
     f = run.cfg.features
     feats = extract_features(image, xy, patch_px=f.patch_px, encoder=f.encoder, tta=f.tta, batch_size=f.batch_size,
                              cache_dir=Path(cache_dir or default_cache_dir()), show_progress=progress)
-    mean, std = run.predict(feats, samples=samples, steps=steps, seed=seed, progress=progress)
+    mean, std = run.predict(feats, samples=samples, steps=steps, seed=seed, progress=progress,
+                            batch_size=batch_size, device=device, precision=precision)
     is_gen = run.meta["model"] != "ridge"
     h = run.meta.get("hinge", {})
     adata = ad.AnnData(

@@ -25,7 +25,8 @@ __all__ = ["plot_spatial_maps", "plot_corr_heatmaps", "plot_metric_bars"]
 _DPI = 120
 
 
-def _save(fig: Any, out_png: str | os.PathLike) -> None:
+def save_figure(fig: Any, out_png: str | os.PathLike) -> None:
+    """Write a matplotlib figure as PNG atomically and close it."""
     try:
         with atomic_path(out_png, suffix=".png") as tmp:
             fig.savefig(tmp, dpi=_DPI, format="png", bbox_inches="tight")
@@ -137,7 +138,7 @@ def plot_spatial_maps(
         heading = (heading + "\n" if heading else "") + f"skipped (not in panel): {shown}"
     if heading:
         fig.suptitle(heading, fontsize=11)
-    _save(fig, out_png)
+    save_figure(fig, out_png)
 
 
 def plot_corr_heatmaps(
@@ -215,7 +216,7 @@ def plot_corr_heatmaps(
         ax.set_yticklabels(names if c == 0 else [], fontsize=fs)
     if im is not None:
         fig.colorbar(im, ax=list(axes[0, :]), shrink=0.8, pad=0.01, label="Pearson r")
-    _save(fig, out_png)
+    save_figure(fig, out_png)
 
 
 def plot_metric_bars(df: Any, metric: str, out_png: str | os.PathLike) -> None:
@@ -258,4 +259,4 @@ def plot_metric_bars(df: Any, metric: str, out_png: str | os.PathLike) -> None:
     ax.axhline(0.0, color="0.4", linewidth=0.6)
     ax.legend(title="model", fontsize=8, frameon=False)
     ax.set_title(f"{metric} by section")
-    _save(fig, out_png)
+    save_figure(fig, out_png)

@@ -11,6 +11,12 @@
   <= 20%). The loss is the masked-diffusion objective
   ``E_t || (1 - m_t) * (f(x_t, t, v) - x_0) ||^2`` averaged over masked genes
   (``w_t = 1``). The weights of the epoch with the best validation MSE are kept.
+
+  Ablation switches of :class:`~stgen.config.HingeTrainConfig` (see
+  :meth:`HingeModule.corrupt`): ``curriculum_epochs = 0`` removes the
+  curriculum ("Mask-Diff (NoCurr)"); ``mask_ratio = "uniform"`` draws a mask
+  ratio ``U(0, 1)`` per spot ("Mask-Diff (RandMask)"); ``objective = "gauss"``
+  trains Gaussian diffusion (:mod:`stgen.gaussian`, "Gauss-Diff").
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ from lightning.pytorch.callbacks import EarlyStopping, TQDMProgressBar
 from torch.utils.data import DataLoader, TensorDataset
 
 from .config import HingeTrainConfig, PretrainConfig
-from .masking import MaskSchedule, forward_mask
+from .errors import InputError
+from .gaussian import GaussianSchedule, gaussian_loss, q_sample
+from .masking import MaskSchedule, forward_mask, uniform_ratio_mask
 from .models.backbone import BackboneConfig, ExpressionBackbone
 from .models.hinge import HINGE
 
@@ -45,9 +53,11 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, visible: torch.Tensor) 
     return ((pred - target) ** 2 * masked).sum() / masked.sum().clamp_min(1.0)
 
 
-def _trainer(max_epochs: int, callbacks: list | None = None, progress: bool = True) -> L.Trainer:
+def _trainer(max_epochs: int, callbacks: list | None = None, progress: bool = True,
+             precision: str = "32-true") -> L.Trainer:
     return L.Trainer(
         max_epochs=max_epochs,
+        precision=precision,
         accelerator="auto",
         devices=1,
         logger=False,
@@ -131,13 +141,29 @@ class WarmupEarlyStopping(EarlyStopping):
             super().on_validation_end(trainer, pl_module)
 
 
+MASK_RATIOS = ("schedule", "uniform")
+
+
 class HingeModule(L.LightningModule):
-    """Masked-diffusion training of a :class:`HINGE` denoiser with curriculum."""
+    """Masked-diffusion training of a :class:`HINGE` denoiser with curriculum.
+
+    The objective follows ``model.config.objective`` (``mask`` | ``gauss``); for
+    ``gauss`` the curriculum keeps timesteps whose noise variance
+    ``1 - abar_t`` is <= ``cfg.curriculum_max_ratio`` (the analogue of the mask ratio).
+    """
 
     def __init__(self, model: HINGE, cfg: HingeTrainConfig, schedule: MaskSchedule) -> None:
         super().__init__()
+        if cfg.mask_ratio not in MASK_RATIOS:
+            raise InputError(f"unknown hinge.mask_ratio {cfg.mask_ratio!r}; choose one of {MASK_RATIOS}")
+        if cfg.curriculum_epochs < 0:
+            raise InputError(f"hinge.curriculum_epochs must be >= 0, got {cfg.curriculum_epochs}")
         self.model, self.cfg, self.schedule = model, cfg, schedule
         self.t_max_curriculum = schedule.max_t_for_ratio(cfg.curriculum_max_ratio)
+        self.gauss = GaussianSchedule(schedule.T) if model.config.objective == "gauss" else None
+        if self.gauss is not None:
+            self.t_max_curriculum = self.gauss.max_t_for_noise(cfg.curriculum_max_ratio)
+        self._frozen = model.frozen_state_keys()
         self.best_val = math.inf
         self.best_state: dict | None = None
         self.best_epoch = -1
@@ -146,14 +172,40 @@ class HingeModule(L.LightningModule):
         self._train_losses: list[float] = []
 
     def on_train_epoch_start(self) -> None:
-        self.model.backbone.eval()  # frozen; no train-mode behaviour
+        self.model.backbone.eval()  # frozen (Scratch/LoRA: trained, still without dropout)
+
+    def corrupt(self, x0: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward process for a training batch ``x0`` (B, G) at ``epoch``.
+
+        Returns ``(x_t (B, G), visible (B, G) bool, t (B,) long)``:
+
+        * masked diffusion: ``t ~ U{1..t_hi}`` and Bernoulli masking at ratio
+          ``1 - alpha_bar(t)``; ``t_hi`` is the curriculum bound in the first
+          ``curriculum_epochs`` epochs, else ``T``; ``x_t = x0 * visible``;
+        * ``mask_ratio="uniform"``: ratio ``~ U(0, r_hi)`` per spot (``r_hi`` =
+          ``curriculum_max_ratio`` during the curriculum, else 1), ``t`` nearest;
+        * ``objective="gauss"``: ``t ~ U{1..t_hi}``, every gene visible,
+          ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``.
+        """
+        curriculum = epoch < self.cfg.curriculum_epochs
+        if self.gauss is not None:
+            t_hi = self.t_max_curriculum if curriculum else self.gauss.T
+            t = torch.randint(1, t_hi + 1, (x0.shape[0],), device=x0.device)
+            return q_sample(x0, t, self.gauss), torch.ones_like(x0, dtype=torch.bool), t
+        if self.cfg.mask_ratio == "uniform":
+            r_hi = self.cfg.curriculum_max_ratio if curriculum else 1.0
+            t, visible, _ = uniform_ratio_mask(x0.shape[0], x0.shape[1], self.schedule, r_hi, device=x0.device)
+            return x0 * visible, visible, t
+        t_hi = self.t_max_curriculum if curriculum else self.schedule.T
+        t = torch.randint(1, t_hi + 1, (x0.shape[0],), device=x0.device)
+        visible = forward_mask(t, x0.shape[1], self.schedule)
+        return x0 * visible, visible, t
 
     def training_step(self, batch, batch_idx):
         feats, x0 = batch
-        t_hi = self.t_max_curriculum if self.current_epoch < self.cfg.curriculum_epochs else self.schedule.T
-        t = torch.randint(1, t_hi + 1, (x0.shape[0],), device=x0.device)
-        visible = forward_mask(t, x0.shape[1], self.schedule)
-        loss = masked_mse(self.model(x0 * visible, visible, t, feats), x0, visible)
+        x_t, visible, t = self.corrupt(x0, self.current_epoch)
+        pred = self.model(x_t, visible, t, feats)
+        loss = gaussian_loss(pred, x0) if self.gauss is not None else masked_mse(pred, x0, visible)
         self.log("loss", loss, prog_bar=True)
         self._train_losses.append(float(loss.detach()))
         return loss
@@ -176,7 +228,7 @@ class HingeModule(L.LightningModule):
         self.history.append({"epoch": self.current_epoch, "train_loss": train, "val_mse": val})
         if val < self.best_val:
             self.best_val, self.best_epoch = val, self.current_epoch
-            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items() if not k.startswith("backbone.")}
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items() if k not in self._frozen}
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.model.trainable_parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
@@ -219,7 +271,7 @@ def train_hinge(
     val_dl = DataLoader(TensorDataset(f[va], y[va]), batch_size=256)
     module = HingeModule(model, cfg, schedule)
     stopper = WarmupEarlyStopping(cfg.es_warmup, monitor="val_mse", mode="min", patience=cfg.patience)
-    trainer = _trainer(cfg.max_epochs, callbacks=[stopper], progress=progress)
+    trainer = _trainer(cfg.max_epochs, callbacks=[stopper], progress=progress, precision=cfg.precision)
     trainer.fit(module, train_dl, val_dl)
     if module.best_state is not None:
         model.load_state_dict({**model.state_dict(), **module.best_state})

@@ -151,6 +151,18 @@ class SubLayerModulation(Protocol):
     def __call__(self, h: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+def modulated(sublayer, x: torch.Tensor, cond: torch.Tensor | None, mod: SubLayerModulation | None, *args):
+    """``sublayer(x, *args)``, or with HINGE modulation ``sublayer(mod(x, c)[0], *args) * mod(x, c)[1]``.
+
+    The one place that defines how a SoftAdaLN (or any :class:`SubLayerModulation`)
+    wraps a backbone sub-layer; every backbone block (embedded, CellFM, scGPT)
+    adds the result to its residual stream. ``x`` (B, T, D) -> (B, T, D).
+    """
+    h, gate = (x, None) if mod is None else mod(x, cond)
+    y = sublayer(h, *args)
+    return y if gate is None else y * gate
+
+
 class RetentionBlock(nn.Module):
     """Post-norm residual block: retention then GLU, DeepNet residual scale ``alpha``.
 
@@ -176,12 +188,9 @@ class RetentionBlock(nn.Module):
         mod_attn: SubLayerModulation | None = None,
         mod_ffn: SubLayerModulation | None = None,
     ) -> torch.Tensor:
-        h, gate = (x, None) if mod_attn is None else mod_attn(x, cond)
-        a = self.attn(h, kv_mask)
-        x = self.norm1(self.alpha * x + (a if gate is None else a * gate))
-        h, gate = (x, None) if mod_ffn is None else mod_ffn(x, cond)
-        f = self.ffn(h)
-        return self.norm2(self.alpha * x + (f if gate is None else f * gate))
+        # sub-layer first, then the residual (the order autograd records, kept from the original code)
+        x = self.norm1(modulated(self.attn, x, cond, mod_attn, kv_mask) + self.alpha * x)
+        return self.norm2(modulated(self.ffn, x, cond, mod_ffn) + self.alpha * x)
 
 
 class ValueDecoder(nn.Module):
