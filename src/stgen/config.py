@@ -54,7 +54,7 @@ class PretrainConfig:
     n_layers: int = 4
     n_heads: int = 8
     value_bins: int = 64
-    epochs: int = 3
+    epochs: int = 10  # ~1,900 optimizer steps on the 12,427 corpus spots (3 epochs left gene-gene coupling weak)
     batch_size: int = 64
     lr: float = 1e-3
     min_mask: float = 0.1
@@ -71,7 +71,7 @@ class HingeTrainConfig:
     zeta: float | None = None  # None: log_T G
     cond_dim: int = 256
     time_dim: int = 128
-    lr: float = 1e-4
+    lr: float = 5e-4  # A.6 says 1e-4 for ~16x more steps per epoch; 5e-4 gives lower validation MSE on all 5 folds here
     weight_decay: float = 0.0
     batch_size: int = 32
     milestones: list[int] = field(default_factory=lambda: [20, 30])
