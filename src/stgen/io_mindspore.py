@@ -177,6 +177,14 @@ def _skip(buf, pos: int, end: int, wire: int) -> int:
     return pos + size
 
 
+def _utf8(buf, a: int, b: int, what: str) -> str:
+    """A protobuf string field ``buf[a:b]``; _Corrupt naming ``what`` if it is not UTF-8."""
+    try:
+        return bytes(buf[a:b]).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _Corrupt(f"{what} is not valid UTF-8", a) from e
+
+
 def _int64(v: int) -> int:
     """Two's-complement int64 from a decoded varint."""
     v &= (1 << 64) - 1
@@ -201,10 +209,7 @@ def _parse_tensor(buf, pos: int, end: int) -> tuple[list[int], str | None, tuple
                 dims.append(_int64(v))
         elif field == 2 and wire == _WIRE_LEN:
             a, pos = _len_delimited(buf, pos, end)
-            try:
-                ttype = bytes(buf[a:pos]).decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise _Corrupt("tensor_type is not valid UTF-8", a) from e
+            ttype = _utf8(buf, a, pos, "tensor_type")
         elif field == 3 and wire == _WIRE_LEN:
             a, pos = _len_delimited(buf, pos, end)
             content = (a, pos - a)  # protobuf: the last occurrence wins
@@ -224,10 +229,7 @@ def _parse_value(buf, pos: int, end: int, path: str) -> tuple[str, str, tuple[in
         field, wire, pos = _key(buf, pos, end)
         if field == 1 and wire == _WIRE_LEN:
             a, pos = _len_delimited(buf, pos, end)
-            try:
-                tag = bytes(buf[a:pos]).decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise _Corrupt("tag is not valid UTF-8", a) from e
+            tag = _utf8(buf, a, pos, "tag")
         elif field == 2 and wire == _WIRE_LEN:
             a, pos = _len_delimited(buf, pos, end)
             if tensor is not None:
