@@ -553,3 +553,34 @@ def test_scratch_and_lora_on_external_backbone_architectures(kind):
     lora = HINGE(copy.deepcopy(pre), PANEL, feat_dim=6, T=10, config=HingeConfig(adaptation="lora", lora_rank=4))
     lora.load_state_dict({**lora.state_dict(), **hinge.state_dict()})
     assert lora.lora_modules and torch.equal(lora(x, vis, t, f), hinge(x, vis, t, f))
+
+
+def test_prediction_is_reused_only_for_the_current_fit_and_default_sampler(tmp_path):
+    """`stgen ablate` re-uses a prediction file only if run.json is byte-identical and steps/samples/seed are the defaults."""
+    import anndata as ad
+
+    from stgen.io import sha256_file
+    from stgen.pipeline import prediction_is_current
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"model": "hinge", "hinge": {"steps": 5, "samples": 10}}))
+    pred = tmp_path / "pred.h5ad"
+    assert not prediction_is_current(pred, run)  # no prediction yet
+
+    def write(**over):
+        a = ad.AnnData(np.zeros((2, 3), dtype=np.float32))
+        a.uns["stgen"] = {"model": "hinge", "steps": 5, "samples": 10, "seed": 0,
+                          "run_sha256": sha256_file(run / "run.json"), **over}
+        a.write_h5ad(pred)
+
+    write()
+    assert prediction_is_current(pred, run)
+    for over in ({"steps": 50}, {"samples": 3}, {"seed": 1}, {"run_sha256": "0" * 64}):
+        write(**over)
+        assert not prediction_is_current(pred, run), over
+    write()
+    (run / "run.json").write_text(json.dumps({"model": "hinge", "hinge": {"steps": 5, "samples": 10}, "refit": 1}))
+    assert not prediction_is_current(pred, run)  # the run was re-fitted: the old prediction is stale
+    pred.write_bytes(b"not an h5ad")
+    assert not prediction_is_current(pred, run)

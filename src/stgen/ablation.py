@@ -18,7 +18,9 @@ UNI + CONCH) - they change the feature extractor, not the HINGE model.
 :func:`stgen.pipeline.fit` (re-using ``runs/<section>/<variant>`` when its
 configuration hash matches; variants whose resolved configuration is identical,
 e.g. ``HINGE`` / ``Mask-Diff (HINGE)`` / ``SoftAdaLN (Full)``, are fitted once),
-predicts each held-out section, scores it with
+predicts each held-out section (re-using ``preds/<section>/<variant>.h5ad``
+when it came from the current fit, see
+:func:`stgen.pipeline.prediction_is_current`), scores it with
 :func:`stgen.pipeline.score_prediction` and writes into OUT:
 
 * ``ablation.csv`` - one row per (section, variant) plus, with several
@@ -40,6 +42,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import anndata as ad
 import pandas as pd
 from tqdm.auto import tqdm
 
@@ -193,7 +196,8 @@ def run_ablation(
     """
     from .benchmark import _fit_or_reuse
     from .data.her2st import list_sections
-    from .pipeline import config_hash, image_for_section, load_truth, predict, score_prediction
+    from .pipeline import (config_hash, image_for_section, load_truth, predict, prediction_is_current,
+                           score_prediction)
 
     cfg = cfg or StgenConfig()
     data_dir, out = Path(data_dir), Path(out)
@@ -226,10 +230,13 @@ def run_ablation(
         fit_s = meta.get("timings", {}).get("fit_total_s", round(time.time() - t0, 1))
         pred_path = out / "preds" / section / f"{_slug(name)}.h5ad"
         t0 = time.time()
-        pred = predict(run_dir, image_for_section(data_dir, section),
-                       data_dir / "ST-spotfiles" / f"{section}_selection.tsv", pred_path,
-                       cache_dir=cache_dir, progress=progress)
-        predict_s = round(time.time() - t0, 2)
+        if prediction_is_current(pred_path, run_dir):  # same fit, same sampler settings: reuse (nan time)
+            pred, predict_s = ad.read_h5ad(pred_path), float("nan")
+        else:
+            pred = predict(run_dir, image_for_section(data_dir, section),
+                           data_dir / "ST-spotfiles" / f"{section}_selection.tsv", pred_path,
+                           cache_dir=cache_dir, progress=progress)
+            predict_s = round(time.time() - t0, 2)
         units = pred.uns["stgen"]["units"]
         counts = data_dir / "ST-cnts" / f"{section}.tsv.gz"
         if (section, units) not in truths:

@@ -13,6 +13,7 @@ needs, written atomically (a failed fit leaves no RUN_DIR behind):
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -34,7 +35,7 @@ from .data.panel import load_vocabulary, select_hmhvg
 from .data.targets import transform_counts
 from .errors import InputError
 from .features import extract_features
-from .io import atomic_dir, atomic_path, sha256_json, write_json
+from .io import atomic_dir, atomic_path, sha256_file, sha256_json, write_json
 from .masking import MaskSchedule
 from .metrics import align_prediction_to_truth, evaluate
 from .models.backbone import BackboneConfig, ExpressionBackbone
@@ -339,7 +340,9 @@ def predict(
     Writes ``out`` (.h5ad) atomically: ``.X`` mean prediction in the run's
     target units, ``layers['std']`` the per-spot sample standard deviation
     (zeros for ridge), ``obsm['spatial']`` full-resolution pixel (x, y),
-    ``.uns['stgen']`` provenance (model, units, steps, samples).
+    ``.uns['stgen']`` provenance (model, units, steps, samples, and
+    ``run_sha256``, the SHA-256 of the run's ``run.json``, which changes with
+    every (re)fit - :func:`prediction_is_current` uses it to reuse predictions).
     """
     run = load_run(run_dir)
     spots_df = read_spots(spots)
@@ -369,10 +372,27 @@ def predict(
         "image": str(image), "steps": int(steps or h.get("steps", 0)) if is_gen else 0,
         "samples": int(samples or h.get("samples", 1)) if is_gen else 1, "seed": seed,
         "test_section": run.meta.get("test_section"), "stgen_version": __version__,
+        "run_sha256": sha256_file(Path(run_dir) / "run.json"),
     }
     with atomic_path(out, suffix=".h5ad") as tmp:
         adata.write_h5ad(tmp)
     return adata
+
+
+def prediction_is_current(pred_path: str | Path, run_dir: str | Path) -> bool:
+    """True when ``pred_path`` exists and was written by :func:`predict` from the current fit in ``run_dir``
+    with the run's default steps/samples and seed 0 (its ``uns['stgen']['run_sha256']`` matches ``run.json``)."""
+    pred_path, meta_path = Path(pred_path), Path(run_dir) / "run.json"
+    if not (pred_path.is_file() and meta_path.is_file()):
+        return False
+    try:
+        info = ad.read_h5ad(pred_path, backed="r").uns.get("stgen", {})
+    except (OSError, KeyError, ValueError):
+        return False
+    h = json.loads(meta_path.read_text()).get("hinge", {})
+    defaults = info.get("model") == "ridge" or (
+        int(info.get("steps", -1)) == int(h.get("steps", -2)) and int(info.get("samples", -1)) == int(h.get("samples", -2)))
+    return info.get("run_sha256") == sha256_file(meta_path) and int(info.get("seed", -1)) == 0 and defaults
 
 
 # ------------------------------------------------------------------ evaluate
