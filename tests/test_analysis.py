@@ -259,3 +259,43 @@ def test_inference_speed_on_synthetic_run(tmp_path, capsys):
     assert r10["gflop_per_slide"] == pytest.approx(5 * r2["gflop_per_slide"], rel=1e-6)  # linear in K
     assert r2["achieved_gflops"] > 0 and r2["peak_rss_mb"] > 0 and np.isfinite(r2["pcc50"])
     assert json.loads((tmp_path / "speed.json").read_text())["k_comparison"]["K_large"] == 10
+
+
+def test_run_horizon_analysis_fits_one_run_per_T_and_reuses_them(tmp_path, monkeypatch):
+    """`stgen horizon`: one fit per T with cfg.hinge.T = T (and nothing else changed), K = min(steps, T)."""
+    import stgen.benchmark as benchmark
+    import stgen.data.her2st as her2st
+    import stgen.pipeline as pipeline
+
+    feats, _ = _data()
+    rng = np.random.default_rng(2)
+    counts = rng.poisson(3.0, size=(N_SPOTS, len(PANEL))).astype(np.float32)
+    adata = ad.AnnData(X=counts, obs=pd.DataFrame(index=[f"s{i}" for i in range(N_SPOTS)]),
+                       var=pd.DataFrame(index=PANEL))
+    monkeypatch.setattr(her2st, "read_section", lambda root, section, require_image=False: adata)
+    monkeypatch.setattr(pipeline, "section_features", lambda a, cfg, cache, progress=True: feats)
+    fits = []
+
+    def fake_fit_or_reuse(data_dir, section, model, run_dir, cfg, cache_dir, progress):
+        fits.append((section, model, cfg.hinge.T, cfg.hinge.lr))
+        if not (run_dir / "run.json").is_file():
+            _write_run_dir(run_dir, T=cfg.hinge.T)
+
+    monkeypatch.setattr(benchmark, "_fit_or_reuse", fake_fit_or_reuse)
+    base = StgenConfig()
+    base.hinge.lr = 1e-3
+    out = tmp_path / "horizon"
+    df = A.run_horizon_analysis(tmp_path, "X1", out, Ts=(3, 8), cfg=base, steps=5, samples=2, progress=False)
+    assert fits == [("X1", "hinge", 3, 1e-3), ("X1", "hinge", 8, 1e-3)]
+    assert base.hinge.T == 50  # the caller's config is not mutated
+    assert df["T"].tolist() == [3, 8] and df["K"].tolist() == [3, 5] and (df["samples"] == 2).all()
+    assert {"horizon.csv", "horizon.png", "horizon.md", "runs"} == {p.name for p in out.iterdir()}
+    assert _is_png(out / "horizon.png")
+    # the metrics are those of the T=8 run's own prediction, scored against log2(count + 1)
+    run8 = load_run(out / "runs" / "T8")
+    mean, _ = run8.predict(feats, samples=2, steps=5, seed=0, device="cpu")
+    want = evaluate(mean, np.log2(1 + counts.astype(np.float64)), PANEL)
+    assert df.loc[df["T"] == 8, "pcc50"].item() == pytest.approx(want["pcc50"], abs=1e-6)
+    assert df["zeta"].tolist() == pytest.approx([MaskSchedule(len(PANEL), t).exponent for t in (3, 8)])
+    with pytest.raises(InputError, match="T must be >= 1"):
+        A.run_horizon_analysis(tmp_path, "X1", out, Ts=(0, 5), progress=False)

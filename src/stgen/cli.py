@@ -1,4 +1,4 @@
-"""Command-line interface: ``stgen pretrain | fit | predict | evaluate | benchmark | ablate``.
+"""Command-line interface: ``stgen pretrain | fit | predict | evaluate | benchmark | ablate | steps | horizon``.
 
 Every user-caused error (bad file, unknown section, ...) is printed as one line
 ``error: ...`` on stderr with exit code 2; nothing half-written is left behind.
@@ -166,6 +166,29 @@ def steps(model: Path = typer.Option(..., "--model", help="HINGE RUN_DIR written
     summary = _run(run_step_analysis, model, data, section, out, samples=samples, seed=seed, ks=budgets,
                    repeats=repeats, cache_dir=cache, progress=not quiet)
     typer.echo(f"step analysis of {summary.get('section', section)} -> {out / 'summary.md'}")
+
+
+@app.command()
+def horizon(test_section: str = typer.Option(..., "--test-section", help="held-out section, e.g. C2"),
+            out: Path = typer.Option(..., "--out", help="OUT_DIR (runs/T<T>/, horizon.csv|md|png)"),
+            ts: str = typer.Option("10,25,50,100", "--Ts", help="masking horizons T, one HINGE fit each"),
+            k: int = typer.Option(5, "--steps", help="inference budget K = min(steps, T); 0 = full run K = T"),
+            samples: Optional[int] = typer.Option(None, "--samples", help="samples averaged (default: the config's)"),
+            seed: int = typer.Option(0, "--seed"), data: Optional[Path] = DataOpt, config: Optional[Path] = ConfigOpt,
+            cache: Optional[Path] = CacheOpt, quiet: bool = QuietOpt) -> None:
+    """Masking-horizon sweep (HINGE Fig. S8): metrics vs T, one fit per T (re-used when its config matches)."""
+    from .analysis import run_horizon_analysis
+
+    try:
+        horizons = [int(t) for t in ts.split(",") if t.strip()]
+    except ValueError:
+        horizons = _run(_raise, f"--Ts must be comma-separated integers, got {ts!r}")
+    if k < 0:
+        _run(_raise, f"--steps must be >= 0, got {k}")
+    df = _run(run_horizon_analysis, _data(data), test_section, out, horizons, cfg=_run(StgenConfig.load, config),
+              steps=k or None, samples=samples, seed=seed, cache_dir=cache, progress=not quiet)
+    typer.echo(df[["T", "K", "pcc50", "pcc200", "mse", "gsc"]].to_string(index=False))
+    typer.echo(f"-> {out / 'horizon.md'}")
 
 
 convert_app = typer.Typer(no_args_is_help=True, help="Convert released foundation-model checkpoints for use as HINGE backbones.")
