@@ -1,5 +1,7 @@
 """Command-line interface: ``stgen pretrain | fit | predict | evaluate | benchmark | ablate | steps | horizon``.
 
+Models (``--model`` / ``--models``): ``hinge``, ``ridge`` and ``flag``.
+
 Every user-caused error (bad file, unknown section, ...) is printed as one line
 ``error: ...`` on stderr with exit code 2; nothing half-written is left behind.
 """
@@ -17,7 +19,7 @@ from .config import StgenConfig
 from .errors import StgenError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Spatial gene expression from H&E histology (HINGE on a frozen expression backbone).")
+                  help="Spatial gene expression from H&E histology (HINGE on a frozen expression backbone, FLAG, ridge).")
 
 DataOpt = typer.Option(None, "--data", help="Her2ST folder (ST-cnts/, ST-spotfiles/, ST-imgs/); default: ../shared/data/her2st")
 ConfigOpt = typer.Option(None, "--config", help="YAML file overriding defaults (see stgen.config)")
@@ -55,10 +57,11 @@ def pretrain(data: Optional[Path] = DataOpt, config: Optional[Path] = ConfigOpt,
 @app.command()
 def fit(test_section: str = typer.Option(..., "--test-section", help="held-out section, e.g. C2"),
         out: Path = typer.Option(..., "--out", help="RUN_DIR to create"),
-        model: str = typer.Option("hinge", "--model", help="hinge | ridge"),
+        model: str = typer.Option("hinge", "--model", help="hinge | ridge | flag"),
         backbone: Optional[str] = typer.Option(
-            None, "--backbone", help="HINGE backbone: default | cellfm:PATH.safetensors (see `stgen convert cellfm`) "
-            "| scgpt:MODEL_DIR (best_model.pt, args.json, vocab.json); overrides hinge.backbone of --config"),
+            None, "--backbone", help="HINGE backbone (FLAG: source of its frozen gene embeddings): default | "
+            "cellfm:PATH.safetensors (see `stgen convert cellfm`) | scgpt:MODEL_DIR (best_model.pt, args.json, "
+            "vocab.json); overrides hinge.backbone of --config"),
         data: Optional[Path] = DataOpt, config: Optional[Path] = ConfigOpt, cache: Optional[Path] = CacheOpt,
         quiet: bool = QuietOpt) -> None:
     """Train on every imaged section except --test-section and write RUN_DIR."""
@@ -80,9 +83,11 @@ def predict(model: Path = typer.Option(..., "--model", help="RUN_DIR written by 
             image: Path = typer.Option(..., "--image", help="H&E image (full resolution)"),
             spots: Path = typer.Option(..., "--spots", help="Her2ST *_selection.tsv or CSV barcode,pixel_x,pixel_y"),
             out: Path = typer.Option(..., "--out", help="output .h5ad"),
-            samples: Optional[int] = typer.Option(None, "--samples", help="samples averaged (HINGE; default 10)"),
-            steps: Optional[int] = typer.Option(None, "--steps", help="unmasking steps K <= T (HINGE; default 5)"),
-            batch_size: Optional[int] = typer.Option(None, "--batch-size", help="spots x samples per sampler batch (default 64)"),
+            samples: Optional[int] = typer.Option(None, "--samples", help="samples averaged (default: the run's; HINGE 10, FLAG 3)"),
+            steps: Optional[int] = typer.Option(None, "--steps", help="HINGE: unmasking steps K <= T (default 5); "
+                                                "FLAG: Heun steps (default 10)"),
+            batch_size: Optional[int] = typer.Option(None, "--batch-size", help="HINGE: spots x samples per sampler "
+                                                     "batch (default 64); FLAG: spots per DiT chunk (default all)"),
             device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda when available)"),
             precision: Optional[str] = typer.Option(None, "--precision", help="32-true | bf16-mixed | 16-mixed (default: as trained)"),
             seed: int = typer.Option(0, "--seed"), cache: Optional[Path] = CacheOpt, quiet: bool = QuietOpt) -> None:
@@ -107,7 +112,7 @@ def evaluate(pred: Path = typer.Option(..., "--pred", help="prediction .h5ad fro
 
 @app.command()
 def benchmark(out: Path = typer.Option(..., "--out", help="REPORT_DIR"),
-              models: str = typer.Option("hinge,ridge", "--models", help="comma-separated: hinge,ridge"),
+              models: str = typer.Option("hinge,ridge", "--models", help="comma-separated, of hinge,ridge,flag"),
               sections: Optional[str] = typer.Option(None, "--sections", help="comma-separated held-out sections (default: all imaged)"),
               data: Optional[Path] = DataOpt, config: Optional[Path] = ConfigOpt, cache: Optional[Path] = CacheOpt,
               quiet: bool = QuietOpt) -> None:

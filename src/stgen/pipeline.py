@@ -8,7 +8,8 @@ needs, written atomically (a failed fit leaves no RUN_DIR behind):
 * ``config.yaml`` - the full resolved configuration;
 * ``model.safetensors`` (HINGE: adapter + frozen default backbone; with an
   external ``cellfm:``/``scgpt:`` backbone the adapter only, the backbone's path
-  and SHA-256 being in ``run.json``) or ``ridge.npz``.
+  and SHA-256 being in ``run.json``; FLAG: the whole model, including its
+  normalisation statistics and the frozen GFM gene embeddings) or ``ridge.npz``.
 """
 
 from __future__ import annotations
@@ -35,19 +36,21 @@ from .data.panel import load_vocabulary, select_hmhvg
 from .data.targets import transform_counts
 from .errors import InputError
 from .features import extract_features
+from .graph import build_spot_graph
 from .io import atomic_dir, atomic_path, sha256_file, sha256_json, write_json
 from .masking import MaskSchedule
 from .metrics import align_prediction_to_truth, evaluate
 from .models.backbone import BackboneConfig, ExpressionBackbone
-from .models.external import load_external_backbone, parse_backbone_spec
+from .models.external import gene_token_embeddings, load_external_backbone, parse_backbone_spec
+from .models.flag import FLAG, FlagConfig
 from .models.hinge import HINGE, HingeConfig
 from .models.ridge import RidgeBaseline
 from .patches import open_image
-from .train import pretrain_backbone, train_hinge
+from .train import pretrain_backbone, train_flag, train_hinge
 
 log = logging.getLogger(__name__)
 
-MODELS = ("hinge", "ridge")
+MODELS = ("hinge", "ridge", "flag")
 BACKBONE_FORMAT = 2
 
 
@@ -151,6 +154,35 @@ def get_backbone(
     return bb, meta
 
 
+def _panel_backbone(data_dir: Path, cfg: StgenConfig, cache_dir: Path, evaluated: Sequence[str], panel: list[str],
+                    progress: bool) -> tuple[torch.nn.Module, list[str], dict]:
+    """The backbone named by ``cfg.hinge.backbone`` and the panel restricted to its vocabulary.
+
+    Returns ``(backbone, panel, meta)``; ``meta`` describes the backbone for
+    run.json, with ``panel_genes_dropped`` (panel genes missing from the vocabulary).
+    """
+    kind, bpath = parse_backbone_spec(cfg.hinge.backbone)
+    if kind == "default":
+        backbone, bmeta = get_backbone(data_dir, cfg, cache_dir, evaluated=evaluated, progress=progress)
+        meta = {"kind": "default", "genes": backbone.genes, "config": backbone.config.to_dict(),
+                "corpus": bmeta["corpus"]}
+    else:
+        backbone, meta = load_external_backbone(kind, bpath)
+    dropped = [g for g in panel if g not in backbone.gene_to_idx]
+    meta["panel_genes_dropped"] = dropped
+    if dropped:
+        log.warning("%d panel gene(s) are not in the %s backbone vocabulary and are dropped: %s",
+                    len(dropped), kind, dropped[:20])
+    return backbone, [g for g in panel if g in backbone.gene_to_idx], meta
+
+
+def graph_builder(cfg: StgenConfig):
+    """``(xy, feats) -> SpotGraph`` with the run's FLAG graph settings (``flag.sigma_px``
+    defaulting to ``features.patch_px``, ``flag.knn``)."""
+    sigma_px = cfg.flag.sigma_px if cfg.flag.sigma_px is not None else cfg.features.patch_px
+    return lambda xy, feats: build_spot_graph(xy, feats, sigma_px=float(sigma_px), k=cfg.flag.knn)
+
+
 # ------------------------------------------------------------------ fit
 def _training_data(data_dir: Path, test_section: str, cfg: StgenConfig) -> tuple[dict, list[str]]:
     imaged = list_sections(data_dir, imaged_only=True)
@@ -189,28 +221,19 @@ def fit(
     meta: dict = {"model": model, "stgen_version": __version__, "test_section": test_section,
                   "train_sections": list(train), "units": cfg.data.transform}
     backbone = None
-    if model == "hinge":
+    if model in ("hinge", "flag"):  # FLAG: the backbone's gene-token rows are its frozen GFM embeddings
         t0 = time.time()
-        kind, bpath = parse_backbone_spec(cfg.hinge.backbone)
-        if kind == "default":
-            backbone, bmeta = get_backbone(data_dir, cfg, cache_dir, evaluated=[test_section, *train], progress=progress)
-            meta["backbone"] = {"kind": "default", "genes": backbone.genes, "config": backbone.config.to_dict(),
-                                "corpus": bmeta["corpus"]}
-        else:
-            backbone, meta["backbone"] = load_external_backbone(kind, bpath)
+        backbone, panel, meta["backbone"] = _panel_backbone(data_dir, cfg, cache_dir, [test_section, *train], panel,
+                                                            progress)
         timings["backbone_s"] = round(time.time() - t0, 1)
-        dropped = [g for g in panel if g not in backbone.gene_to_idx]
-        panel = [g for g in panel if g in backbone.gene_to_idx]
-        meta["backbone"]["panel_genes_dropped"] = dropped
-        if dropped:
-            log.warning("%d panel gene(s) are not in the %s backbone vocabulary and are dropped: %s",
-                        len(dropped), kind, dropped[:20])
     if not panel:
         raise InputError("the gene panel is empty after intersecting with the backbone vocabulary")
     t0 = time.time()
-    feats = np.concatenate([section_features(a, cfg, cache_dir, progress) for a in train.values()])
+    feat_list = [section_features(a, cfg, cache_dir, progress) for a in train.values()]
+    feats = np.concatenate(feat_list)
     timings["features_s"] = round(time.time() - t0, 1)
-    targets = np.concatenate([transform_counts(a[:, panel].X, cfg.data.transform) for a in train.values()])
+    target_list = [transform_counts(a[:, panel].X, cfg.data.transform) for a in train.values()]
+    targets = np.concatenate(target_list)
     meta.update(panel=panel, n_train_spots=int(len(feats)), feature_dim=int(feats.shape[1]),
                 features={"encoder": cfg.features.encoder, "patch_px": cfg.features.patch_px, "tta": cfg.features.tta})
     out = Path(out)
@@ -232,6 +255,20 @@ def fit(
             frozen = net.frozen_state_keys() if external else set()
             state = {k: v.contiguous() for k, v in net.state_dict().items() if k not in frozen}
             save_file(state, tmp / "model.safetensors")
+        elif model == "flag":
+            f = cfg.flag
+            fcfg = FlagConfig.from_train_config(f)
+            emb = gene_token_embeddings(backbone, panel)
+            net = FLAG(fcfg, len(panel), feats.shape[1], emb)
+            meta["backbone"].pop("genes", None)  # not needed to load a FLAG run: the embeddings are in the model
+            sections = [(fs, a.obsm["spatial"], ts) for fs, a, ts in zip(feat_list, train.values(), target_list)]
+            build = graph_builder(cfg)
+            meta["training"] = train_flag(net, sections, f, build, progress=progress)
+            meta["flag"] = {"config": fcfg.to_dict(), "steps": f.steps, "samples": f.samples, "knn": f.knn,
+                            "sigma_px": float(f.sigma_px if f.sigma_px is not None else cfg.features.patch_px),
+                            "embedding_dim": int(emb.shape[1]), "align_weight": f.align_weight,
+                            "n_trainable": sum(p.numel() for p in net.parameters() if p.requires_grad)}
+            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp / "model.safetensors")
         else:
             RidgeBaseline(n_components=cfg.ridge.n_components, seed=cfg.hinge.seed).fit(feats, targets).save(tmp)
         timings["train_s"] = round(time.time() - t0, 1)
@@ -244,8 +281,15 @@ def fit(
 
 
 def config_hash(cfg: StgenConfig, model: str, test_section: str) -> str:
-    """Identity of a fit: same hash = same model would be trained."""
-    return sha256_json({"cfg": cfg.to_dict(), "model": model, "test": test_section, "v": __version__})[:16]
+    """Identity of a fit: same hash = same model would be trained.
+
+    The ``flag`` section counts only for FLAG: it was added after HINGE and
+    ridge, whose hashes (and cached runs) must not change with it.
+    """
+    d = cfg.to_dict()
+    if model != "flag":
+        d.pop("flag", None)
+    return sha256_json({"cfg": d, "model": model, "test": test_section, "v": __version__})[:16]
 
 
 # ------------------------------------------------------------------ predict
@@ -263,31 +307,41 @@ class TrainedRun:
 
     def predict(self, feats: np.ndarray, samples: int | None = None, steps: int | None = None,
                 seed: int = 0, progress: bool = False, batch_size: int | None = None,
-                device: str | None = None, precision: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+                device: str | None = None, precision: str | None = None,
+                xy: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Mean and sd over samples, (N, G) each, in the run's target units.
 
         ``device`` defaults to CUDA when available; ``precision`` (default: the
         run's training precision) ``bf16-mixed``/``16-mixed`` samples under autocast.
+        FLAG needs ``xy`` (N, 2), the spots' full-resolution pixel coordinates
+        (its spot graph is built from them); all spots of ``feats`` are one
+        section, generated together. For FLAG ``batch_size`` is the number of
+        spots per DiT chunk (default: all).
         """
         if self.meta["model"] == "ridge":
             mean = self.model.predict(feats)
             return mean, np.zeros_like(mean)
-        h = self.meta["hinge"]
+        flag = self.meta["model"] == "flag"
+        h = self.meta["flag" if flag else "hinge"]
         steps = steps or h["steps"]
         samples = samples or h["samples"]
-        batch_size = batch_size or self.cfg.hinge.sample_batch_size
+        batch_size = batch_size or (None if flag else self.cfg.hinge.sample_batch_size)
         if samples < 1:
             raise InputError(f"--samples must be >= 1, got {samples}")
-        if batch_size < 1:
+        if batch_size is not None and batch_size < 1:
             raise InputError(f"--batch-size must be >= 1, got {batch_size}")
-        precision = precision or self.cfg.hinge.precision
+        if flag and xy is None:
+            raise InputError("FLAG predicts whole sections from a spot graph: give the spots' pixel coordinates xy")
+        precision = precision or (self.cfg.flag.precision if flag else self.cfg.hinge.precision)
         dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0])
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        schedule = MaskSchedule(len(self.panel), h["T"], h["schedule"], h["zeta"])
+        # FLAG: the section's spot graph; HINGE: the masking schedule
+        plan = (build_spot_graph(xy, feats, sigma_px=h["sigma_px"], k=h["knn"]) if flag
+                else MaskSchedule(len(self.panel), h["T"], h["schedule"], h["zeta"]))
         gen = torch.Generator().manual_seed(seed)
         model = self.model.to(dev)
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-            mean, std = model.generate(torch.as_tensor(feats, dtype=torch.float32, device=dev), schedule, steps=steps,
+            mean, std = model.generate(torch.as_tensor(feats, dtype=torch.float32, device=dev), plan, steps=steps,
                                        n_samples=samples, generator=gen, progress=progress, batch_size=batch_size)
         return mean.float().cpu().numpy(), std.float().cpu().numpy()
 
@@ -301,6 +355,12 @@ def load_run(run_dir: str | Path) -> TrainedRun:
     cfg = StgenConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()), source=str(run_dir / "config.yaml"))
     if meta["model"] == "ridge":
         return TrainedRun(meta, cfg, RidgeBaseline.load(run_dir))
+    if meta["model"] == "flag":
+        fm = meta["flag"]
+        emb = torch.zeros(len(meta["panel"]), fm["embedding_dim"]) if fm.get("embedding_dim") else None
+        net = FLAG(FlagConfig(**fm["config"]), len(meta["panel"]), meta["feature_dim"], emb)
+        _load_state(net, run_dir / "model.safetensors")
+        return TrainedRun(meta, cfg, net.eval())
     b = meta["backbone"]
     kind = b.get("kind", "default")
     if kind == "default":
@@ -308,17 +368,25 @@ def load_run(run_dir: str | Path) -> TrainedRun:
     else:
         bb, _ = load_external_backbone(kind, Path(b["path"]), expect_sha256=b["sha256"])
     net = HINGE(bb, meta["panel"], meta["feature_dim"], meta["hinge"]["T"], HingeConfig(**meta["hinge"]["config"]))
+    # adapter only with an external backbone: the frozen backbone comes from its own file
+    _load_state(net, run_dir / "model.safetensors", keep_prefix="backbone." if kind != "default" else None)
+    return TrainedRun(meta, cfg, net.eval())
+
+
+def _load_state(net: torch.nn.Module, path: Path, keep_prefix: str | None = None) -> None:
+    """Load ``path`` (safetensors) into ``net`` strictly; entries of ``net``'s own state whose
+    keys start with ``keep_prefix`` are kept where the file lacks them. InputError when the
+    file is unreadable or does not match."""
     try:
-        state = load_file(run_dir / "model.safetensors")
+        state = load_file(path)
     except (RuntimeError, OSError) as e:
-        raise InputError(f"{run_dir / 'model.safetensors'} is not a readable safetensors file: {e}") from e
-    if kind != "default":  # adapter only: the frozen backbone comes from its own file
-        state = {**{k: v for k, v in net.state_dict().items() if k.startswith("backbone.")}, **state}
+        raise InputError(f"{path} is not a readable safetensors file: {e}") from e
+    if keep_prefix is not None:
+        state = {**{k: v for k, v in net.state_dict().items() if k.startswith(keep_prefix)}, **state}
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise InputError(f"{run_dir / 'model.safetensors'} does not match run.json: {e}") from e
-    return TrainedRun(meta, cfg, net.eval())
+        raise InputError(f"{path} does not match run.json: {e}") from e
 
 
 def predict(
@@ -357,9 +425,9 @@ def predict(
     feats = extract_features(image, xy, patch_px=f.patch_px, encoder=f.encoder, tta=f.tta, batch_size=f.batch_size,
                              cache_dir=Path(cache_dir or default_cache_dir()), show_progress=progress)
     mean, std = run.predict(feats, samples=samples, steps=steps, seed=seed, progress=progress,
-                            batch_size=batch_size, device=device, precision=precision)
+                            batch_size=batch_size, device=device, precision=precision, xy=xy)
     is_gen = run.meta["model"] != "ridge"
-    h = run.meta.get("hinge", {})
+    h = run.meta.get(run.meta["model"], {})  # the sampler defaults of hinge / flag
     adata = ad.AnnData(
         X=mean.astype(np.float32),
         obs=spots_df.copy(),
@@ -389,7 +457,8 @@ def prediction_is_current(pred_path: str | Path, run_dir: str | Path) -> bool:
         info = ad.read_h5ad(pred_path, backed="r").uns.get("stgen", {})
     except (OSError, KeyError, ValueError):
         return False
-    h = json.loads(meta_path.read_text()).get("hinge", {})
+    meta = json.loads(meta_path.read_text())
+    h = meta.get(meta.get("model"), {}) or {}  # the sampler defaults of hinge / flag
     defaults = info.get("model") == "ridge" or (
         int(info.get("steps", -1)) == int(h.get("steps", -2)) and int(info.get("samples", -1)) == int(h.get("samples", -2)))
     return info.get("run_sha256") == sha256_file(meta_path) and int(info.get("seed", -1)) == 0 and defaults

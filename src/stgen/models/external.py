@@ -17,7 +17,9 @@ and :func:`load_external_backbone` refuses a file whose content changed.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
+import torch
 import torch.nn as nn
 
 from ..errors import InputError
@@ -79,3 +81,32 @@ def load_external_backbone(kind: str, path: Path, expect_sha256: str | None = No
     meta = {"kind": kind, "path": str(path.resolve()), "weights": str(wf.resolve()), "sha256": digest,
             "config": bb.config.to_dict(), "n_genes": len(bb.genes)}
     return bb.eval(), meta
+
+
+def gene_token_embeddings(backbone: nn.Module, genes: Sequence[str]) -> torch.Tensor:
+    """The backbone's gene-token embedding rows of ``genes``: (G, E) float32, detached copy.
+
+    These are FLAG's frozen per-gene GFM embeddings (Sec. 3.5; the static token
+    table, not per-spot contextual states). The table is ``gene_emb`` of the
+    embedded :class:`~stgen.models.backbone.ExpressionBackbone` (an
+    ``nn.Embedding``) and of :class:`~stgen.models.cellfm.CellFMBackbone` (a
+    parameter whose row ``i + 1`` is gene ``i``), and the raw
+    ``encoder.embedding`` rows of :class:`~stgen.models.scgpt.ScGPTBackbone`
+    (before its LayerNorm); rows are found through the backbone's
+    ``gene_index``, which raises InputError naming genes missing from its
+    vocabulary. InputError for any other backbone type.
+    """
+    from .backbone import ExpressionBackbone
+    from .cellfm import CellFMBackbone
+    from .scgpt import ScGPTBackbone
+
+    if isinstance(backbone, ExpressionBackbone):
+        table = backbone.gene_emb.weight
+    elif isinstance(backbone, CellFMBackbone):
+        table = backbone.gene_emb
+    elif isinstance(backbone, ScGPTBackbone):
+        table = backbone.encoder.embedding.weight
+    else:
+        raise InputError(f"no gene-token embedding table known for a backbone of type {type(backbone).__name__}")
+    idx = backbone.gene_index(list(genes)).to(table.device)
+    return table.detach()[idx].float().cpu().clone()
