@@ -425,7 +425,7 @@ def test_ablation_report_tables_and_plot(tmp_path):
     for s in ("C2", "C5"):
         for g, name, ov in all_variants():
             rows.append({"group": g, "variant": name, "section": s, "override": json.dumps(ov),
-                         **{m: float(rng.uniform()) for m in ("pcc50", "pcc200", "mse", "mae", "gsc")},
+                         **{m: float(rng.uniform()) for m in ("pcc50", "pcc200", "mse", "mae", "gsc", "ssc", "rvd")},
                          "fit_s": 1.0, "predict_s": 0.1, "n_trainable": 10})
     df = pd.DataFrame(rows)
     df = pd.concat([df, section_means(df)], ignore_index=True)
@@ -436,7 +436,12 @@ def test_ablation_report_tables_and_plot(tmp_path):
     md = (tmp_path / "ablation.md").read_text()
     assert "## Section C2" in md and "| Backbone adaptation | Scratch |" in md and "Masking schedule" in md
     main = [ln for ln in md.split("## Section C2")[0].splitlines() if ln.startswith("| ")]
-    assert sum(ln.count("**") for ln in main) // 2 == 4 * 5  # one best per column (5) in each of the 4 groups
+    assert sum(ln.count("**") for ln in main) // 2 == 4 * 7  # one best per column (7) in each of the 4 groups
+    assert "SSC ↑" in main[0] and "RVD ↓" in main[0]
+    means = df[(df.section == "mean") & (df.group == "backbone")]
+    cells = {ln.split("|")[2].strip(): [c.strip() for c in ln.split("|")[3:-1]] for ln in main[1:5]}
+    best_ssc, best_rvd = means.loc[means.ssc.idxmax(), "variant"], means.loc[means.rvd.idxmin(), "variant"]
+    assert cells[best_ssc][5].startswith("**") and cells[best_rvd][6].startswith("**")  # SSC higher, RVD lower
     assert (tmp_path / "ablation.png").stat().st_size > 1000
     assert len(pd.read_csv(tmp_path / "ablation.csv")) == len(df)
 
@@ -502,7 +507,7 @@ def test_stgen_ablate_end_to_end_on_synthetic_data(tmp_path, monkeypatch):
     df = pd.read_csv(tmp_path / "abl" / "ablation.csv")
     assert len(df) == 2 * 6 + 6  # per-section rows + mean rows
     per = df[df.section != "mean"]
-    assert np.isfinite(per[["pcc50", "pcc200", "mse", "mae", "gsc"]].to_numpy()).all()
+    assert np.isfinite(per[["pcc50", "pcc200", "mse", "mae", "gsc", "ssc", "rvd"]].to_numpy()).all()
     # HINGE and SoftAdaLN (Full) are the same configuration: fitted once, same scores
     h, s = (per[per.variant == v].sort_values("section") for v in ("HINGE", "SoftAdaLN (Full)"))
     assert list(h.run_dir) == list(s.run_dir) and np.allclose(h.mse, s.mse)
@@ -579,6 +584,8 @@ def test_prediction_is_reused_only_for_the_current_fit_and_default_sampler(tmp_p
     for over in ({"steps": 50}, {"samples": 3}, {"seed": 1}, {"run_sha256": "0" * 64}):
         write(**over)
         assert not prediction_is_current(pred, run), over
+    write(seed=1)  # `stgen benchmark --seeds N`: a prediction is current for the seed it was sampled with
+    assert prediction_is_current(pred, run, seed=1) and not prediction_is_current(pred, run, seed=2)
     write()
     (run / "run.json").write_text(json.dumps({"model": "hinge", "hinge": {"steps": 5, "samples": 10}, "refit": 1}))
     assert not prediction_is_current(pred, run)  # the run was re-fitted: the old prediction is stale

@@ -153,8 +153,10 @@ def test_horizon_sweep_calls_fit_for_T(tmp_path):
     df = A.horizon_sweep(fit_for_T, feats, truth, Ts=(3, 5), samples=2, device="cpu")
     assert calls == [3, 5] and df["T"].tolist() == [3, 5] and df["K"].tolist() == [3, 5]
     assert np.isfinite(df[list(A.METRICS)].to_numpy()).all() and (df["fit_s"] >= 0).all()
-    df2 = A.horizon_sweep(lambda T: _run(T), feats, truth, Ts=(3, 6), steps=4, samples=1, device="cpu")
-    assert df2["K"].tolist() == [3, 4]
+    assert "ssc" not in df.columns  # no coordinates: no SSC, as before
+    xy = np.stack(np.meshgrid(np.arange(5), np.arange(4)), -1).reshape(-1, 2) * 100.0
+    df2 = A.horizon_sweep(lambda T: _run(T), feats, truth, Ts=(3, 6), steps=4, samples=1, device="cpu", coords=xy)
+    assert df2["K"].tolist() == [3, 4] and np.isfinite(df2["ssc"]).all()
     with pytest.raises(InputError, match="trained with T=10"):
         A.horizon_sweep(lambda T: _run(10), feats, truth, Ts=(4,), device="cpu")
 
@@ -187,6 +189,7 @@ def test_run_step_analysis_end_to_end(tmp_path, monkeypatch):
     adata = ad.AnnData(X=counts, obs=pd.DataFrame(index=[f"s{i}" for i in range(N_SPOTS)]),
                        var=pd.DataFrame(index=genes))
     adata.uns["stgen"] = {"section": "X1", "image_path": "none.jpg"}
+    adata.obsm["spatial"] = np.stack(np.meshgrid(np.arange(5), np.arange(4)), -1).reshape(-1, 2) * 290.0  # pixels
     seen = {}
 
     def fake_read_section(root, section, require_image=False):
@@ -204,7 +207,13 @@ def test_run_step_analysis_end_to_end(tmp_path, monkeypatch):
                                                "summary.json"}
     step = pd.read_csv(out / "stepwise.csv")
     assert len(step) == 10 and step["frac_revealed"].iloc[-1] == 1.0
-    assert pd.read_csv(out / "budget.csv")["K"].tolist() == [1, 5, 10]
+    budget = pd.read_csv(out / "budget.csv")
+    assert budget["K"].tolist() == [1, 5, 10]
+    # the section's coordinates give SSC (and RVD is always there) in every table
+    assert np.isfinite(step[["x0_ssc", "state_ssc", "state_rvd"]].to_numpy()).all()
+    assert np.isfinite(budget[["ssc", "rvd"]].to_numpy()).all()
+    assert "| gsc | rvd | ssc | time_s |" in (out / "summary.md").read_text()
+    assert set(info["stepwise"]["final"]) == {*A.METRICS, "ssc"}
     for p in out.glob("*.png"):
         assert _is_png(p)
     assert "Inference budget K" in (out / "summary.md").read_text()
@@ -289,6 +298,7 @@ def test_run_horizon_analysis_fits_one_run_per_T_and_reuses_them(tmp_path, monke
     assert fits == [("X1", "hinge", 3, 1e-3), ("X1", "hinge", 8, 1e-3)]
     assert base.hinge.T == 50  # the caller's config is not mutated
     assert df["T"].tolist() == [3, 8] and df["K"].tolist() == [3, 5] and (df["samples"] == 2).all()
+    assert "rvd" in df.columns and "ssc" not in df.columns  # no obsm['spatial']: scored as before, without SSC
     assert {"horizon.csv", "horizon.png", "horizon.md", "runs"} == {p.name for p in out.iterdir()}
     assert _is_png(out / "horizon.png")
     # the metrics are those of the T=8 run's own prediction, scored against log2(count + 1)

@@ -119,3 +119,67 @@ def test_run_downstream_writes_figures(section, tmp_path):
     del no_xy.obsm["spatial"]
     with pytest.raises(InputError, match="spatial"):
         run_downstream(no_xy, truth)
+
+
+def test_cli_evaluate_with_downstream_dir(section, tmp_path):
+    """`stgen evaluate --downstream-dir`: SSC/SSIM/RVD in the JSON, downstream numbers under "downstream", both PNGs."""
+    ad = pytest.importorskip("anndata")
+    pd = pytest.importorskip("pandas")
+    from typer.testing import CliRunner
+
+    from stgen.cli import app
+
+    coords, expr, _, genes = section
+    rng = np.random.default_rng(3)
+    counts = np.rint(np.clip(2.0 ** expr - 1.0, 0.0, None))
+    spots = [f"s{i}" for i in range(H * W)]
+    ad.AnnData(counts, obs=pd.DataFrame(index=spots), var=pd.DataFrame(index=genes)).write_h5ad(tmp_path / "t.h5ad")
+    pred = ad.AnnData(np.log2(1.0 + counts) + rng.normal(0, 0.3, size=counts.shape),
+                      obs=pd.DataFrame(index=spots), var=pd.DataFrame(index=genes))
+    pred.obsm["spatial"] = coords
+    pred.uns["stgen"] = {"units": "log2", "model": "ridge"}
+    pred.write_h5ad(tmp_path / "p.h5ad")
+    base = ["evaluate", "--pred", str(tmp_path / "p.h5ad"), "--counts", str(tmp_path / "t.h5ad")]
+
+    r = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "m.json"), "--downstream-dir", str(tmp_path / "ds")])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "m.json").read_text())
+    for key in ("pcc50", "gsc", "ssc", "rvd", "ssim"):
+        assert np.isfinite(m[key]), key
+    assert m["ssc"] > 0.5 and "per_gene_r" in m
+    for key in ("ari", "nmi", "deg_top20", "deg_top50"):
+        assert np.isfinite(m["downstream"][key]), key
+    assert m["downstream"]["ari"] > 0.5
+    for name in ("morans_scatter.png", "coexpression.png"):
+        assert (tmp_path / "ds" / name).stat().st_size > 1000, name
+    assert json.loads(r.output.strip().splitlines()[-1])["downstream"]["nmi"] == m["downstream"]["nmi"]
+
+    # without --downstream-dir: no downstream block; without coordinates: SSC/SSIM NaN, not an error
+    del pred.obsm["spatial"]
+    pred.write_h5ad(tmp_path / "bare.h5ad")
+    bare = ["evaluate", "--pred", str(tmp_path / "bare.h5ad"), "--counts", str(tmp_path / "t.h5ad")]
+    r = CliRunner().invoke(app, [*bare, "--out", str(tmp_path / "m2.json")])
+    assert r.exit_code == 0, r.output
+    m2 = json.loads((tmp_path / "m2.json").read_text())
+    assert "downstream" not in m2 and np.isnan(m2["ssc"]) and np.isnan(m2["ssim"]) and m2["rvd"] == m["rvd"]
+    r = CliRunner().invoke(app, [*bare, "--out", str(tmp_path / "m3.json"), "--downstream-dir", str(tmp_path / "d3")])
+    assert r.exit_code == 2 and "spatial" in r.output and not (tmp_path / "m3.json").exists()
+
+
+def test_morans_scatter_one_panel_per_model(tmp_path):
+    from PIL import Image
+
+    from stgen.downstream import plot_morans_scatter
+
+    rng = np.random.default_rng(4)
+    it = rng.uniform(-0.1, 0.8, size=25)
+    plot_morans_scatter(it, it + 0.05, tmp_path / "one.png", ssc=0.9)
+    preds = {"hinge": it + rng.normal(0, 0.05, 25), "ridge": np.append(it[:-1], np.nan)}
+    plot_morans_scatter(it, preds, tmp_path / "two.png", ssc={"hinge": 0.8, "ridge": float("nan")}, title="A1")
+    with Image.open(tmp_path / "one.png") as one, Image.open(tmp_path / "two.png") as two:
+        assert two.size[0] > 1.6 * one.size[0]  # side-by-side panels
+    with pytest.raises(InputError, match="different names"):
+        plot_morans_scatter({"hinge": it}, preds, tmp_path / "bad.png")
+    with pytest.raises(InputError, match="ridge"):
+        plot_morans_scatter(it, {"ridge": it[:3]}, tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()

@@ -331,18 +331,64 @@ def test_fit_load_predict_round_trip_on_synthetic_data(tmp_path, monkeypatch):
 
 
 def test_stgen_benchmark_runs_flag(tmp_path, monkeypatch):
+    """`stgen benchmark --seeds 2`: two predictions per generative model, one for ridge, seed-sd columns and
+    the sampling-variance table; a second run re-uses every current prediction (no predict call)."""
+    import anndata as ad
     import pandas as pd
     from typer.testing import CliRunner
 
+    import stgen.pipeline as pipeline
+    from stgen.benchmark import METRICS
     from stgen.cli import app
 
     _synthetic_setup(tmp_path, monkeypatch, n_top=30, seed=1, max_steps=4, val_every=4)  # every gene: the markers too
-    r = CliRunner().invoke(app, ["benchmark", "--models", "flag", "--sections", "A2", "--data",
-                                 str(tmp_path / "her2st"), "--out", str(tmp_path / "bench"), "--config",
-                                 str(tmp_path / "cfg.yaml"), "--quiet"])
+    calls, real_predict = [], pipeline.predict
+
+    def counting_predict(run_dir, image, spots, out, **kw):
+        calls.append(f"{out.parent.name}/{out.name}")
+        return real_predict(run_dir, image, spots, out, **kw)
+
+    monkeypatch.setattr(pipeline, "predict", counting_predict)
+    bench = tmp_path / "bench"
+    args = ["benchmark", "--models", "flag,ridge", "--sections", "A2", "--data", str(tmp_path / "her2st"), "--out",
+            str(bench), "--config", str(tmp_path / "cfg.yaml"), "--quiet"]
+    r = CliRunner().invoke(app, [*args, "--seeds", "2"])
     assert r.exit_code == 0, r.output
-    df = pd.read_csv(tmp_path / "bench" / "metrics.csv")
-    assert list(df.model) == ["flag"] and np.isfinite(df[["pcc50", "mse"]].to_numpy()).all()
+    assert sorted(calls) == ["flag/A2.h5ad", "flag/A2_seed1.h5ad", "ridge/A2.h5ad"]
+    assert sorted(p.name for p in (bench / "preds" / "flag").iterdir()) == ["A2.h5ad", "A2_seed1.h5ad"]
+    assert [p.name for p in (bench / "preds" / "ridge").iterdir()] == ["A2.h5ad"]
+    assert ad.read_h5ad(bench / "preds" / "flag" / "A2_seed1.h5ad").uns["stgen"]["seed"] == 1
+    df = pd.read_csv(bench / "metrics.csv").set_index("model")
+    assert list(df.index) == ["flag", "ridge"] and df.loc["flag", "n_seeds"] == 2 and df.loc["ridge", "n_seeds"] == 1
+    assert {f"{m}_seed_sd" for m in METRICS} <= set(df.columns)
+    assert (df.loc["ridge", [f"{m}_seed_sd" for m in ("pcc50", "mse", "gsc", "ssc")]] == 0).all()
+    seeds = pd.read_csv(bench / "metrics_seeds.csv")
+    flag = seeds[seeds.model == "flag"]
+    assert sorted(flag.seed) == [0, 1] and (seeds.model == "ridge").sum() == 1
+    for m in ("pcc50", "mse", "ssc", "ari", "deg_top20"):
+        assert df.loc["flag", m] == pytest.approx(flag[m].mean())
+        assert df.loc["flag", f"{m}_seed_sd"] == pytest.approx(flag[m].std(ddof=0), abs=1e-12)
+    assert np.isfinite(df[["pcc50", "mse", "ssc", "rvd", "ssim", "ari", "nmi", "predict_s"]].to_numpy()).all()
+    report = (bench / "report.md").read_text()
+    assert "## Sampling variance (2 seeds)" in report and "SSC sd" in report
+    assert not [ln for ln in report.splitlines() if ln.startswith("|") and "nan" in ln.lower()]
+    for name in ("morans_A2.png", "ssc_by_section.png", "pcc50_by_section.png", "gsc_by_section.png"):
+        assert (bench / name).stat().st_size > 1000, name
+    # a second run re-uses all three predictions and reports their stored predict time
+    calls.clear()
+    r = CliRunner().invoke(app, [*args, "--seeds", "2"])
+    assert r.exit_code == 0, r.output
+    assert calls == []
+    again = pd.read_csv(bench / "metrics.csv").set_index("model")
+    assert np.allclose(again[["predict_s", "pcc50", "ssc"]], df[["predict_s", "pcc50", "ssc"]])
+    # --seeds 1 (the default): seed 0 only, re-used; no seed columns, no sampling-variance table
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    one = pd.read_csv(bench / "metrics.csv")
+    assert calls == [] and not any(c.endswith("_seed_sd") for c in one.columns) and "n_seeds" not in one.columns
+    assert set(METRICS) <= set(one.columns) and "Sampling variance" not in (bench / "report.md").read_text()
+    r = CliRunner().invoke(app, [*args, "--seeds", "0"])
+    assert r.exit_code == 2 and "--seeds" in r.output
     r = CliRunner().invoke(app, ["fit", "--model", "nope", "--data", str(tmp_path / "her2st"), "--test-section", "A1",
                                  "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "flag" in r.output

@@ -73,10 +73,16 @@ def test_fit_predict_evaluate_hinge_on_real_her2st(workdir):
     assert np.isfinite(pred.X).all()
 
     out = workdir / "metrics.json"
-    _invoke("evaluate", "--pred", pred_path, "--counts", DATA / "ST-cnts" / "C2.tsv.gz", "--out", out)
+    _invoke("evaluate", "--pred", pred_path, "--counts", DATA / "ST-cnts" / "C2.tsv.gz", "--out", out,
+            "--downstream-dir", workdir / "downstream")
     m = json.loads(out.read_text())
-    for k in ("pcc50", "pcc200", "mse", "mae", "gsc"):
+    for k in ("pcc50", "pcc200", "mse", "mae", "gsc", "ssc", "rvd", "ssim"):
         assert np.isfinite(m[k]), k
+    for k in ("ari", "nmi", "deg_top20", "deg_top50"):
+        assert k in m["downstream"], k
+    assert np.isfinite(m["downstream"]["ari"]) and np.isfinite(m["downstream"]["nmi"])
+    for name in ("morans_scatter.png", "coexpression.png"):
+        assert (workdir / "downstream" / name).stat().st_size > 1000, name
 
     # reference: the training-mean predictor (constant, so r is undefined) with a little
     # jitter gives the chance level of PCC-50 for this panel; the model must beat it.

@@ -23,7 +23,10 @@ Three studies of a trained HINGE run (:class:`stgen.pipeline.TrainedRun`):
 writes CSVs, PNGs and a markdown summary (all atomically).
 
 Metrics are those of :func:`stgen.metrics.evaluate` (PCC-50, PCC-200, MSE,
-MAE, GSC), in the run's target units (log2(count + 1) by default).
+MAE, GSC, RVD and, when the spots' coordinates are given, SSC), in the run's
+target units (log2(count + 1) by default). The ``run_*`` jobs take the
+coordinates from the section's ``obsm['spatial']`` (pixels); the lower-level
+functions score without SSC unless ``coords`` is passed.
 """
 
 from __future__ import annotations
@@ -47,17 +50,20 @@ from tqdm.auto import tqdm  # noqa: E402
 from .errors import InputError  # noqa: E402
 from .io import atomic_dir, write_json  # noqa: E402
 from .masking import MaskSchedule, reverse_timesteps, sample_unmasking  # noqa: E402
-from .metrics import evaluate  # noqa: E402
+from .metrics import evaluate_section  # noqa: E402
 from .plots import save_figure  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-METRICS = ("pcc50", "pcc200", "mse", "mae", "gsc")
-METRIC_LABELS = {"pcc50": "PCC-50", "pcc200": "PCC-200", "mse": "MSE", "mae": "MAE", "gsc": "GSC"}
+METRICS = ("pcc50", "pcc200", "mse", "mae", "gsc", "rvd")  # scored on every prediction
+SPATIAL_METRICS = ("ssc",)  # scored only when the spots' coordinates are given
+METRIC_LABELS = {"pcc50": "PCC-50", "pcc200": "PCC-200", "mse": "MSE", "mae": "MAE", "gsc": "GSC", "ssc": "SSC",
+                 "rvd": "RVD"}
 DEFAULT_KS = (1, 2, 5, 10, 25, 50)
 
 __all__ = [
     "METRICS",
+    "SPATIAL_METRICS",
     "DEFAULT_KS",
     "stepwise_metrics",
     "budget_sweep",
@@ -103,9 +109,17 @@ def _feats(feats: Any) -> np.ndarray:
     return f
 
 
-def _scores(pred: np.ndarray, truth: np.ndarray, genes: Sequence[str]) -> dict[str, float]:
-    m = evaluate(pred, truth, genes)
-    return {k: float(m[k]) for k in METRICS}
+def _scores(pred: np.ndarray, truth: np.ndarray, genes: Sequence[str], coords: Any = None) -> dict[str, float]:
+    """:data:`METRICS` of one prediction, and :data:`SPATIAL_METRICS` with ``coords`` (``ssc`` NaN on a section
+    too small for the spatial graph, :func:`stgen.metrics.evaluate_section`)."""
+    m = evaluate_section(pred, truth, genes, coords=coords)
+    return {k: float(m[k]) for k in (*METRICS, *SPATIAL_METRICS) if k in m}
+
+
+def _present(df: pd.DataFrame, prefix: str = "") -> list[str]:
+    """The metrics that ``df`` has as ``prefix + metric`` columns: :data:`METRICS`, then ``ssc`` when scored
+    with coordinates."""
+    return [m for m in (*METRICS, *SPATIAL_METRICS) if f"{prefix}{m}" in df.columns]
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -140,6 +154,7 @@ def stepwise_metrics(
     precision: str | None = None,
     progress: bool = False,
     return_final: bool = False,
+    coords: Any = None,
 ) -> pd.DataFrame | tuple[pd.DataFrame, np.ndarray]:
     """Metrics of the intermediate estimates after every step of one reverse run.
 
@@ -158,6 +173,7 @@ def stepwise_metrics(
         same values the final state equals ``run.predict(feats, samples, steps=T,
         seed)[0]`` (same random orders, same chunking of spots x samples).
     return_final : also return the final (N, G) mean prediction.
+    coords : (N, 2) spot centres; adds ``ssc`` to the scored metrics.
 
     Returns
     -------
@@ -230,8 +246,8 @@ def stepwise_metrics(
         rec = {"step": k + 1, "t": ts[k], "t_next": ts[k + 1],
                "frac_revealed": float(revealed[k]) / (n * samples),
                "frac_expected": 1.0 - schedule.masked_count(ts[k + 1]) / g}
-        rec.update({f"x0_{m}": v for m, v in _scores(x0_mean.numpy(), y, genes).items()})
-        rec.update({f"state_{m}": v for m, v in _scores((st_sum[k] / samples).numpy(), y, genes).items()})
+        rec.update({f"x0_{m}": v for m, v in _scores(x0_mean.numpy(), y, genes, coords).items()})
+        rec.update({f"state_{m}": v for m, v in _scores((st_sum[k] / samples).numpy(), y, genes, coords).items()})
         rec["x0_sd"] = float(var.sqrt().mean())
         records.append(rec)
     df = pd.DataFrame.from_records(records)
@@ -275,6 +291,7 @@ def budget_sweep(
     device: str | None = None,
     precision: str | None = None,
     warmup: bool = True,
+    coords: Any = None,
 ) -> pd.DataFrame:
     """Final metrics and wall time versus the inference budget ``K`` (fixed trained model).
 
@@ -282,11 +299,12 @@ def budget_sweep(
     same ``seed``) ``repeats`` times; ``K`` larger than the run's ``T`` is
     skipped with a warning. ``warmup`` first runs one tiny prediction so that
     one-off costs (thread pools, CUDA context, kernels) are not timed.
+    ``coords`` (N, 2 spot centres) adds ``ssc`` to the metrics.
 
     Returns
     -------
     DataFrame, one row per ``K`` (ascending): ``K``, ``T``, ``samples``,
-    ``n_spots``, the metrics of :data:`METRICS`, ``time_s`` (median over
+    ``n_spots``, the metrics of :data:`METRICS` (and ``ssc`` with ``coords``), ``time_s`` (median over
     repeats, per slide), ``time_min_s``, ``spots_per_s`` (``n_spots / time_s``).
     """
     _, schedule, h = _hinge_parts(run)
@@ -302,7 +320,7 @@ def budget_sweep(
         mean, times = _timed_predict(run, f_np, repeats, samples=samples, steps=k, seed=seed, **kw)
         t_med = float(np.median(times))
         records.append({"K": k, "T": schedule.T, "samples": samples, "n_spots": int(len(f_np)),
-                        **_scores(mean, y, run.panel), "time_s": t_med, "time_min_s": float(min(times)),
+                        **_scores(mean, y, run.panel, coords), "time_s": t_med, "time_min_s": float(min(times)),
                         "spots_per_s": len(f_np) / t_med if t_med > 0 else float("inf")})
     return pd.DataFrame.from_records(records)
 
@@ -319,6 +337,7 @@ def horizon_sweep(
     batch_size: int | None = None,
     device: str | None = None,
     precision: str | None = None,
+    coords: Any = None,
 ) -> pd.DataFrame:
     """Metrics versus the masking horizon ``T`` (Fig. S8): one trained model per ``T``.
 
@@ -334,6 +353,7 @@ def horizon_sweep(
     Ts : horizons, in the order given.
     steps : inference budget ``K``: ``None`` = the full run ``K = T`` (default);
         an integer uses ``min(steps, T)`` for every ``T``.
+    coords : (N, 2) spot centres; adds ``ssc`` to the metrics.
 
     Returns
     -------
@@ -361,7 +381,7 @@ def horizon_sweep(
         k = T if steps is None else min(int(steps), T)
         s = int(samples or h["samples"])
         mean, times = _timed_predict(run, f_np, 1, samples=s, steps=k, seed=seed, **kw)
-        records.append({"T": T, "K": k, "samples": s, "n_spots": int(len(f_np)), **_scores(mean, y, run.panel),
+        records.append({"T": T, "K": k, "samples": s, "n_spots": int(len(f_np)), **_scores(mean, y, run.panel, coords),
                         "fit_s": fit_s, "time_s": times[0], "spots_per_s": len(f_np) / times[0]})
     return pd.DataFrame.from_records(records)
 
@@ -381,14 +401,16 @@ def _grid(n: int) -> tuple[Any, np.ndarray]:
 
 
 def plot_stepwise(df: pd.DataFrame, out_png: str | os.PathLike, x: str = "step",
-                  metrics: Sequence[str] = METRICS, title: str | None = None) -> None:
+                  metrics: Sequence[str] | None = None, title: str | None = None) -> None:
     """Metric vs reverse step (``x='step'``) or vs fraction revealed (``x='frac_revealed'``).
 
-    One panel per metric, with the intermediate prediction ``x0_hat(t)`` and the
-    partially revealed state as two lines (Fig. S7a).
+    One panel per metric (default: every scored metric in ``df``), with
+    the intermediate prediction ``x0_hat(t)`` and the partially revealed state as
+    two lines (Fig. S7a).
     """
     if x not in ("step", "frac_revealed"):
         raise InputError(f"x must be 'step' or 'frac_revealed', got {x!r}")
+    metrics = metrics or _present(df, "x0_") or METRICS
     _need(df, [x, *(f"{p}_{m}" for p in ("x0", "state") for m in metrics)], "plot_stepwise")
     fig, axes = _grid(len(metrics))
     xs = df[x].to_numpy(dtype=float)
@@ -406,9 +428,11 @@ def plot_stepwise(df: pd.DataFrame, out_png: str | os.PathLike, x: str = "step",
     save_figure(fig, out_png)
 
 
-def plot_budget(df: pd.DataFrame, out_png: str | os.PathLike, metrics: Sequence[str] = METRICS,
+def plot_budget(df: pd.DataFrame, out_png: str | os.PathLike, metrics: Sequence[str] | None = None,
                 title: str | None = None) -> None:
-    """Final metric vs inference budget ``K`` (log x axis), spots/s on a twin axis (Fig. S7b)."""
+    """Final metric vs inference budget ``K`` (log x axis), spots/s on a twin axis (Fig. S7b);
+    ``metrics`` default: every scored metric in ``df``."""
+    metrics = metrics or _present(df) or METRICS
     _need(df, ["K", "spots_per_s", *metrics], "plot_budget")
     d = df.sort_values("K")
     fig, axes = _grid(len(metrics))
@@ -434,9 +458,10 @@ def plot_budget(df: pd.DataFrame, out_png: str | os.PathLike, metrics: Sequence[
     save_figure(fig, out_png)
 
 
-def plot_horizon(df: pd.DataFrame, out_png: str | os.PathLike, metrics: Sequence[str] = METRICS,
+def plot_horizon(df: pd.DataFrame, out_png: str | os.PathLike, metrics: Sequence[str] | None = None,
                  title: str | None = None) -> None:
-    """Metric vs masking horizon ``T`` (Fig. S8)."""
+    """Metric vs masking horizon ``T`` (Fig. S8); ``metrics`` default: every scored metric in ``df``."""
+    metrics = metrics or _present(df) or METRICS
     _need(df, ["T", *metrics], "plot_horizon")
     d = df.sort_values("T")
     fig, axes = _grid(len(metrics))
@@ -491,7 +516,7 @@ def _summary_markdown(info: dict, step_df: pd.DataFrame, budget_df: pd.DataFrame
         "",
         "## Inference budget K (budget.csv, budget.png)",
         "",
-        _md_table(budget_df, ["K", *METRICS, "time_s", "spots_per_s"]),
+        _md_table(budget_df, ["K", *_present(budget_df), "time_s", "spots_per_s"]),
         "",
     ]
     if len(budget_df) > 1:
@@ -520,6 +545,14 @@ def section_truth(adata: Any, panel: Sequence[str], units: str) -> tuple[np.ndar
         x = adata.X[:, [col[panel[i]] for i in pos]]
         counts[:, pos] = x.toarray() if sp.issparse(x) else np.asarray(x)
     return transform_counts(counts, units).astype(np.float64), missing
+
+
+def _section_coords(adata: Any) -> np.ndarray | None:
+    """The section's spot centres ``obsm['spatial']`` (pixels, (N, 2)), or None when it has none (no SSC)."""
+    obsm = getattr(adata, "obsm", None)
+    if obsm is None or "spatial" not in obsm:
+        return None
+    return np.asarray(obsm["spatial"], dtype=np.float64)[:, :2]
 
 
 def run_step_analysis(
@@ -582,13 +615,14 @@ def run_step_analysis(
                     len(missing), section, missing[:10])
     samples = int(samples or h["samples"])
     dev = _device(device)
+    coords = _section_coords(adata)
 
     t0 = time.perf_counter()
     step_df = stepwise_metrics(run, feats, truth, T=T, samples=samples, seed=seed, batch_size=batch_size,
-                               device=str(dev), precision=precision, progress=progress)
+                               device=str(dev), precision=precision, progress=progress, coords=coords)
     step_s = time.perf_counter() - t0
     budget_df = budget_sweep(run, feats, truth, ks=ks, samples=samples, seed=seed, repeats=repeats,
-                             batch_size=batch_size, device=str(dev), precision=precision)
+                             batch_size=batch_size, device=str(dev), precision=precision, coords=coords)
     best = float(step_df["x0_pcc50"].max())
     info = {
         "run_dir": str(run_dir), "section": section, "held_out": not in_train, "n_spots": int(len(feats)),
@@ -600,7 +634,7 @@ def run_step_analysis(
                      "x0_pcc50_best_step": int(step_df.loc[step_df["x0_pcc50"].idxmax(), "step"]),
                      "x0_pcc50_final": float(step_df["x0_pcc50"].iloc[-1]),
                      "x0_pcc50_drop_from_best": best - float(step_df["x0_pcc50"].iloc[-1]),
-                     "final": {m: float(step_df[f"state_{m}"].iloc[-1]) for m in METRICS}},
+                     "final": {m: float(step_df[f"state_{m}"].iloc[-1]) for m in _present(step_df, "state_")}},
         "budget": budget_df.to_dict(orient="records"),
     }
     label = f"{Path(run_dir).name} on {section}, T={schedule.T}, {samples} samples"
@@ -675,7 +709,7 @@ def run_horizon_analysis(
     panel = list(runs[Ts[0]].panel)  # same training sections and panel rule for every T
     y, _ = section_truth(adata, panel, runs[Ts[0]].meta.get("units", "log2"))
     df = horizon_sweep(runs.__getitem__, feats, pd.DataFrame(y, columns=panel), Ts=Ts, steps=steps,
-                       samples=samples, seed=seed)
+                       samples=samples, seed=seed, coords=_section_coords(adata))
     df["fit_s"] = [runs[T].meta.get("timings", {}).get("fit_total_s", float("nan")) for T in df["T"]]
     df.insert(0, "section", section)
     df["zeta"] = [float(runs[T].meta["hinge"]["zeta"]) for T in df["T"]]
@@ -689,7 +723,7 @@ def run_horizon_analysis(
              f"One fit per T (runs in `runs/T<T>`), fixed schedule {base.hinge.schedule!r} "
              f"(zeta {'log_T G' if base.hinge.zeta is None else base.hinge.zeta}); inference budget {k_txt}, "
              f"{int(df['samples'].iloc[0])} samples, seed {seed}.", "",
-             _md_table(df, ["T", "K", "zeta", *METRICS, "best_val_mse", "fit_s", "time_s"]), ""]
+             _md_table(df, ["T", "K", "zeta", *_present(df), "best_val_mse", "fit_s", "time_s"]), ""]
     with atomic_path(out / "horizon.md") as tmp:
         tmp.write_text("\n".join(lines))
     return df

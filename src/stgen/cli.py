@@ -102,18 +102,29 @@ def predict(model: Path = typer.Option(..., "--model", help="RUN_DIR written by 
 @app.command()
 def evaluate(pred: Path = typer.Option(..., "--pred", help="prediction .h5ad from `stgen predict`"),
              counts: Path = typer.Option(..., "--counts", help="true counts: Her2ST .tsv.gz or .h5ad of raw counts"),
-             out: Path = typer.Option(..., "--out", help="metrics .json")) -> None:
-    """PCC-50, PCC-200, MSE, MAE, gene-gene correlation agreement and per-gene r."""
+             out: Path = typer.Option(..., "--out", help="metrics .json"),
+             downstream_dir: Optional[Path] = typer.Option(
+                 None, "--downstream-dir", help="also run the downstream checks (Leiden domains ARI/NMI, DEG "
+                 "top-20/50 overlap) into the JSON's 'downstream'; morans_scatter.png, coexpression.png go into DIR"),
+             ) -> None:
+    """PCC-50, PCC-200, MSE, MAE, GSC, SSC, RVD, SSIM and per-gene r (SSC/SSIM on the prediction's
+    obsm['spatial'])."""
     from .pipeline import evaluate_prediction
 
-    m = _run(evaluate_prediction, pred, counts, out)
-    typer.echo(json.dumps({k: m[k] for k in ("pcc50", "pcc200", "mse", "mae", "gsc", "n_spots", "n_genes")}))
+    m = _run(evaluate_prediction, pred, counts, out, downstream_dir=downstream_dir)
+    keys = ("pcc50", "pcc200", "mse", "mae", "gsc", "ssc", "rvd", "ssim", "n_spots", "n_genes")
+    summary = {k: m[k] for k in keys}
+    if "downstream" in m:
+        summary["downstream"] = {k: m["downstream"][k] for k in ("ari", "nmi", "deg_top20", "deg_top50")}
+    typer.echo(json.dumps(summary))
 
 
 @app.command()
 def benchmark(out: Path = typer.Option(..., "--out", help="REPORT_DIR"),
               models: str = typer.Option("hinge,ridge", "--models", help="comma-separated, of hinge,ridge,flag"),
               sections: Optional[str] = typer.Option(None, "--sections", help="comma-separated held-out sections (default: all imaged)"),
+              seeds: int = typer.Option(1, "--seeds", help="sampling seeds 0..N-1 per generative model (hinge, "
+                                        "flag) and fold: metrics averaged over seeds, plus their sd (FLAG H.5)"),
               data: Optional[Path] = DataOpt, config: Optional[Path] = ConfigOpt, cache: Optional[Path] = CacheOpt,
               quiet: bool = QuietOpt) -> None:
     """Leave-one-section-out over every imaged section; metrics.csv, report.md and PNG maps."""
@@ -122,7 +133,7 @@ def benchmark(out: Path = typer.Option(..., "--out", help="REPORT_DIR"),
     cfg = _run(StgenConfig.load, config)
     ms = [m.strip() for m in models.split(",") if m.strip()]
     secs = [s.strip() for s in sections.split(",")] if sections else None
-    _run(run_benchmark, _data(data), out, ms, cfg, sections=secs, cache_dir=cache, progress=not quiet)
+    _run(run_benchmark, _data(data), out, ms, cfg, sections=secs, cache_dir=cache, progress=not quiet, seeds=seeds)
     typer.echo(f"report -> {out / 'report.md'}")
 
 
@@ -192,7 +203,8 @@ def horizon(test_section: str = typer.Option(..., "--test-section", help="held-o
         _run(_raise, f"--steps must be >= 0, got {k}")
     df = _run(run_horizon_analysis, _data(data), test_section, out, horizons, cfg=_run(StgenConfig.load, config),
               steps=k or None, samples=samples, seed=seed, cache_dir=cache, progress=not quiet)
-    typer.echo(df[["T", "K", "pcc50", "pcc200", "mse", "gsc"]].to_string(index=False))
+    typer.echo(df[[c for c in ("T", "K", "pcc50", "pcc200", "mse", "gsc", "ssc", "rvd") if c in df.columns]]
+               .to_string(index=False))
     typer.echo(f"-> {out / 'horizon.md'}")
 
 

@@ -17,7 +17,7 @@ copies (inputs are never modified). scanpy is imported lazily.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from stgen.metrics import (
     _check_pair,
     align_prediction_to_truth,
     morans_i,
+    prediction_coords,
     spatial_knn_graph,
     spatial_structural_correlation,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "spatial_domains",
     "domain_agreement",
     "deg_overlap",
+    "domain_and_marker_scores",
     "run_downstream",
     "plot_morans_scatter",
     "plot_coexpression",
@@ -251,52 +253,106 @@ def deg_overlap(
     return out
 
 
+def domain_and_marker_scores(pred: Any, true: Any, genes: Sequence[str], seed: int = 0,
+                             true_domains: Any = None) -> dict[str, Any]:
+    """:func:`domain_agreement` and :func:`deg_overlap` of one prediction, default settings.
+
+    The truth is clustered once (:func:`spatial_domains`, ``seed``) and its
+    domains serve both checks, so the result equals
+    ``{**domain_agreement(pred, true, seed=seed), **deg_overlap(pred, true, genes)}``
+    (for ``seed=0``, the default of both). ``true_domains``, if given, must be
+    ``spatial_domains(true, seed=seed)`` (a caller scoring several predictions
+    of one truth clusters it once).
+
+    Returns
+    -------
+    dict
+        ``ari``, ``nmi``, ``n_domains_true``, ``n_domains_pred``,
+        ``deg_top20``, ``deg_top50`` and ``n_domains``.
+    """
+    p, t = _check_pair(_expression(pred, "pred"), _expression(true, "true"))
+    if true_domains is None:
+        true_domains = spatial_domains(t, seed=seed)
+    out = _label_agreement(np.asarray(true_domains), spatial_domains(p, seed=seed))
+    out.update(deg_overlap(p, t, genes, domains=true_domains))
+    return out
+
+
 def plot_morans_scatter(
     morans_true: Any,
     morans_pred: Any,
     out_png: str | os.PathLike,
-    ssc: float | None = None,
+    ssc: Any = None,
+    title: str | None = None,
 ) -> None:
     """Scatter of per-gene Moran's I, truth (x) vs prediction (y), with y = x.
 
+    One panel, or one panel per model when ``morans_pred`` is a mapping
+    (model -> vector; the benchmark's ``morans_<section>.png``).
+
     Parameters
     ----------
-    morans_true, morans_pred : array_like, shape (G,)
-        Moran's I per gene (:func:`stgen.metrics.morans_i`); genes NaN in
-        either are not drawn (their number is given in the title).
+    morans_true : array_like, shape (G,), or mapping name -> array_like
+        Moran's I per gene of the truth (:func:`stgen.metrics.morans_i`); a
+        mapping gives each panel its own truth vector (models whose panels
+        differ), keyed like ``morans_pred``.
+    morans_pred : array_like, shape (G,), or mapping name -> array_like
+        Moran's I per gene of the prediction(s). Genes NaN in the truth or
+        the prediction are not drawn (their number is given in the panel title).
     out_png : path
         Destination PNG (written atomically by :func:`stgen.plots.save_figure`).
-    ssc : float, optional
-        Spatial structural correlation to show in the title ("n/a" if NaN).
+    ssc : float or mapping name -> float, optional
+        Spatial structural correlation shown in each panel title ("n/a" if
+        missing or NaN).
+    title : str, optional
+        Figure title (multi-panel figures).
 
     Raises
     ------
     InputError
-        If the two vectors are not 1-D of equal length.
+        If a pair of vectors is not 1-D of equal length, the mappings' keys
+        differ, or ``morans_pred`` is an empty mapping.
     """
     import matplotlib.pyplot as plt
 
-    it = np.asarray(morans_true, dtype=np.float64)
-    ip = np.asarray(morans_pred, dtype=np.float64)
-    if it.ndim != 1 or it.shape != ip.shape:
-        raise InputError(f"morans_true / morans_pred: expected two 1-D vectors of equal length, got {it.shape} and {ip.shape}")
-    keep = np.isfinite(it) & np.isfinite(ip)
-    fig, ax = plt.subplots(figsize=(4.6, 4.4))
-    ax.scatter(it[keep], ip[keep], s=10, alpha=0.7, linewidths=0)
-    both = np.concatenate([it[keep], ip[keep]])
-    lo, hi = (float(both.min()), float(both.max())) if both.size else (-1.0, 1.0)
-    pad = 0.05 * max(hi - lo, 1e-6)
-    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.4", linewidth=0.8, linestyle="--", label="y = x")
-    ax.set_xlim(lo - pad, hi + pad)
-    ax.set_ylim(lo - pad, hi + pad)
-    ax.set_xlabel("Moran's I (truth)")
-    ax.set_ylabel("Moran's I (prediction)")
-    ssc_txt = f"{ssc:.3f}" if ssc is not None and np.isfinite(ssc) else "n/a"
-    title = f"Moran's I per gene, SSC = {ssc_txt}"
-    if (~keep).any():
-        title += f"\n({int((~keep).sum())} constant gene(s) not shown)"
-    ax.set_title(title, fontsize=10)
-    ax.legend(frameon=False, fontsize=8, loc="upper left")
+    multi = isinstance(morans_pred, Mapping)
+    preds = dict(morans_pred) if multi else {"": morans_pred}
+    if not preds:
+        raise InputError("morans_pred: no prediction to plot")
+    if isinstance(morans_true, Mapping) and set(morans_true) != set(preds):
+        raise InputError(f"morans_true / morans_pred: different names {sorted(morans_true)} and {sorted(preds)}")
+    panels = []
+    for name, pred_i in preds.items():
+        it = np.asarray(morans_true[name] if isinstance(morans_true, Mapping) else morans_true, dtype=np.float64)
+        ip = np.asarray(pred_i, dtype=np.float64)
+        if it.ndim != 1 or it.shape != ip.shape:
+            raise InputError(f"morans_true / morans_pred{f'[{name!r}]' if multi else ''}: expected two 1-D vectors "
+                             f"of equal length, got {it.shape} and {ip.shape}")
+        s = ssc.get(name) if isinstance(ssc, Mapping) else ssc
+        panels.append((name, it, ip, s))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.4), squeeze=False)
+    for ax, (name, it, ip, s) in zip(axes[0], panels):
+        keep = np.isfinite(it) & np.isfinite(ip)
+        ax.scatter(it[keep], ip[keep], s=10, alpha=0.7, linewidths=0)
+        both = np.concatenate([it[keep], ip[keep]])
+        lo, hi = (float(both.min()), float(both.max())) if both.size else (-1.0, 1.0)
+        pad = 0.05 * max(hi - lo, 1e-6)
+        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.4", linewidth=0.8, linestyle="--",
+                label="y = x")
+        ax.set_xlim(lo - pad, hi + pad)
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.set_xlabel("Moran's I (truth)")
+        if ax is axes[0, 0]:
+            ax.set_ylabel("Moran's I (prediction)")
+        ssc_txt = f"{s:.3f}" if s is not None and np.isfinite(s) else "n/a"
+        head = f"{name}: SSC = {ssc_txt}" if multi else f"Moran's I per gene, SSC = {ssc_txt}"
+        if (~keep).any():
+            head += f"\n({int((~keep).sum())} constant gene(s) not shown)"
+        ax.set_title(head, fontsize=10)
+        ax.legend(frameon=False, fontsize=8, loc="upper left")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
     save_figure(fig, out_png)
 
 
@@ -402,19 +458,12 @@ def run_downstream(
         as the functions above.
     """
     p, t, genes, spots = align_prediction_to_truth(pred_adata, truth_adata)
-    obsm = getattr(pred_adata, "obsm", {})
-    if "spatial" not in obsm:
+    coords = prediction_coords(pred_adata, spots)
+    if coords is None:
         raise InputError("pred_adata: obsm['spatial'] (spot coordinates, shape (N, 2)) is missing")
-    row = {str(s): i for i, s in enumerate(pred_adata.obs_names)}
-    coords_all = np.asarray(obsm["spatial"], dtype=np.float64)
-    if coords_all.ndim != 2 or coords_all.shape[1] < 2:
-        raise InputError(f"pred_adata.obsm['spatial']: expected shape (N, 2), got {coords_all.shape}")
-    coords = coords_all[[row[s] for s in spots], :2]
     p, t = _check_pair(p, t)
 
-    true_domains = spatial_domains(t)
-    out: dict[str, Any] = _label_agreement(true_domains, spatial_domains(p))
-    out.update(deg_overlap(p, t, genes, domains=true_domains))
+    out: dict[str, Any] = domain_and_marker_scores(p, t, genes)
     out["ssc"] = spatial_structural_correlation(p, t, coords, k)
     out["n_spots"] = int(t.shape[0])
     out["n_genes"] = int(t.shape[1])

@@ -15,6 +15,7 @@ functions that need them.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -22,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from stgen.errors import InputError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "pearson_per_gene",
@@ -33,8 +36,10 @@ __all__ = [
     "relative_variance_distance",
     "gene_ssim",
     "evaluate",
+    "evaluate_section",
     "nanmean_metrics",
     "align_prediction_to_truth",
+    "prediction_coords",
 ]
 
 
@@ -570,6 +575,40 @@ def evaluate(
     return out
 
 
+def evaluate_section(
+    pred: np.ndarray,
+    true: np.ndarray,
+    genes: Sequence[str],
+    coords: np.ndarray | None = None,
+    k: int = 8,
+    label: str = "section",
+) -> dict[str, Any]:
+    """:func:`evaluate` that never fails on the size of a section.
+
+    Same arguments and result as :func:`evaluate`, except for a section with
+    ``coords`` but fewer than ``k + 1`` spots, where :func:`spatial_knn_graph`
+    (and so :func:`evaluate`) would raise InputError: there ``ssc`` is NaN, a
+    warning naming ``label`` is logged, and ``ssim`` is still computed
+    (:func:`gene_ssim`, itself NaN on a grid smaller than 3 x 3).
+
+    Raises
+    ------
+    InputError
+        As :func:`evaluate` for anything else (shapes, non-finite values,
+        malformed coordinates).
+    """
+    p, t = _check_pair(pred, true)
+    if coords is None or p.shape[0] >= int(k) + 1:
+        return evaluate(p, t, genes, coords=coords, k=k)
+    c = _coords(coords, p.shape[0])
+    log.warning("%s: %d spots are too few for a spatial %d-NN graph (need %d): SSC is NaN",
+                label, p.shape[0], int(k), int(k) + 1)
+    out = evaluate(p, t, genes)
+    out["ssc"] = float("nan")
+    out["ssim"] = _finite_mean(gene_ssim(p, t, c))
+    return out
+
+
 def nanmean_metrics(records: Iterable[Mapping[str, Any]], keys: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Average scalar metrics over sections, ignoring NaN / None / missing values.
 
@@ -661,3 +700,28 @@ def align_prediction_to_truth(pred_adata: Any, truth_adata: Any) -> tuple[np.nda
     p = _as_2d_float(pred_adata.X[pi], "pred_adata.X")
     t = _as_2d_float(truth_adata.X[ti][:, gi], "truth_adata.X")
     return p, t, genes, spots
+
+
+def prediction_coords(pred_adata: Any, spots: Sequence[str]) -> np.ndarray | None:
+    """Spot centres (S, 2) of ``spots`` from a prediction's ``obsm['spatial']``.
+
+    Returns None when the prediction has no ``obsm['spatial']``; rows follow
+    ``spots`` (e.g. the spots of :func:`align_prediction_to_truth`).
+
+    Raises
+    ------
+    InputError
+        If ``obsm['spatial']`` is not (N, >= 2) or a spot id is not in the
+        prediction.
+    """
+    obsm = getattr(pred_adata, "obsm", {})
+    if "spatial" not in obsm:
+        return None
+    xy = np.asarray(obsm["spatial"], dtype=np.float64)
+    if xy.ndim != 2 or xy.shape[1] < 2 or xy.shape[0] != pred_adata.n_obs:
+        raise InputError(f"prediction obsm['spatial']: expected shape ({pred_adata.n_obs}, 2), got {xy.shape}")
+    row = {str(s): i for i, s in enumerate(pred_adata.obs_names)}
+    missing = [str(s) for s in spots if str(s) not in row]
+    if missing:
+        raise InputError(f"{len(missing)} spot(s) not in the prediction, e.g. {missing[:3]}")
+    return xy[[row[str(s)] for s in spots], :2]

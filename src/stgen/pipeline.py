@@ -39,7 +39,7 @@ from .features import extract_features
 from .graph import build_spot_graph
 from .io import atomic_dir, atomic_path, sha256_file, sha256_json, write_json
 from .masking import MaskSchedule
-from .metrics import align_prediction_to_truth, evaluate
+from .metrics import align_prediction_to_truth, evaluate_section, prediction_coords
 from .models.backbone import BackboneConfig, ExpressionBackbone
 from .models.external import gene_token_embeddings, load_external_backbone, parse_backbone_spec
 from .models.flag import FLAG, FlagConfig
@@ -410,8 +410,11 @@ def predict(
     (zeros for ridge), ``obsm['spatial']`` full-resolution pixel (x, y),
     ``.uns['stgen']`` provenance (model, units, steps, samples, and
     ``run_sha256``, the SHA-256 of the run's ``run.json``, which changes with
-    every (re)fit - :func:`prediction_is_current` uses it to reuse predictions).
+    every (re)fit - :func:`prediction_is_current` uses it to reuse predictions -
+    and ``predict_s``, the wall time of this call up to writing the file: loading
+    the run, features, sampling).
     """
+    t_start = time.perf_counter()
     run = load_run(run_dir)
     spots_df = read_spots(spots)
     img = open_image(image)
@@ -441,15 +444,17 @@ def predict(
         "samples": int(samples or h.get("samples", 1)) if is_gen else 1, "seed": seed,
         "test_section": run.meta.get("test_section"), "stgen_version": __version__,
         "run_sha256": sha256_file(Path(run_dir) / "run.json"),
+        "predict_s": round(time.perf_counter() - t_start, 3),
     }
     with atomic_path(out, suffix=".h5ad") as tmp:
         adata.write_h5ad(tmp)
     return adata
 
 
-def prediction_is_current(pred_path: str | Path, run_dir: str | Path) -> bool:
+def prediction_is_current(pred_path: str | Path, run_dir: str | Path, seed: int = 0) -> bool:
     """True when ``pred_path`` exists and was written by :func:`predict` from the current fit in ``run_dir``
-    with the run's default steps/samples and seed 0 (its ``uns['stgen']['run_sha256']`` matches ``run.json``)."""
+    with the run's default steps/samples and sampling seed ``seed`` (its ``uns['stgen']['run_sha256']``
+    matches ``run.json``)."""
     pred_path, meta_path = Path(pred_path), Path(run_dir) / "run.json"
     if not (pred_path.is_file() and meta_path.is_file()):
         return False
@@ -461,7 +466,26 @@ def prediction_is_current(pred_path: str | Path, run_dir: str | Path) -> bool:
     h = meta.get(meta.get("model"), {}) or {}  # the sampler defaults of hinge / flag
     defaults = info.get("model") == "ridge" or (
         int(info.get("steps", -1)) == int(h.get("steps", -2)) and int(info.get("samples", -1)) == int(h.get("samples", -2)))
-    return info.get("run_sha256") == sha256_file(meta_path) and int(info.get("seed", -1)) == 0 and defaults
+    return info.get("run_sha256") == sha256_file(meta_path) and int(info.get("seed", -1)) == int(seed) and defaults
+
+
+def predict_or_reuse(
+    run_dir: str | Path,
+    image: str | Path,
+    spots: str | Path,
+    out: str | Path,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[ad.AnnData, float]:
+    """``(prediction, predict_s)``: read ``out`` when :func:`prediction_is_current` (same fit, default sampler,
+    ``seed``), else :func:`predict` it with the run's defaults. ``predict_s`` is the prediction's stored
+    ``uns['stgen']['predict_s']`` (NaN for a file written before it was stored)."""
+    if prediction_is_current(out, run_dir, seed=seed):
+        pred = ad.read_h5ad(out)
+    else:
+        pred = predict(run_dir, image, spots, out, cache_dir=cache_dir, seed=seed, progress=progress)
+    return pred, float(pred.uns.get("stgen", {}).get("predict_s", float("nan")))
 
 
 # ------------------------------------------------------------------ evaluate
@@ -491,29 +515,54 @@ class Scored:
     spots: list[str]
 
 
-def score_prediction(pred: ad.AnnData, truth: ad.AnnData, label: str) -> Scored:
+def score_prediction(pred: ad.AnnData, truth: ad.AnnData, label: str, k: int = 8) -> Scored:
     """Align a prediction to the truth (same units) and compute the metrics.
 
+    The metrics are those of :func:`stgen.metrics.evaluate` with the scored
+    spots' ``obsm['spatial']`` as coordinates, so they always include ``ssc``,
+    ``ssim`` and ``rvd`` (and ``per_gene_r``). Without ``obsm['spatial']``,
+    ``ssc`` and ``ssim`` are NaN; with fewer than ``k + 1`` scored spots ``ssc``
+    is NaN and a warning is logged (:func:`stgen.metrics.evaluate_section`).
     ``label`` (e.g. the two file names) prefixes any InputError, such as panel
     genes missing from the truth or no common spots.
     """
     try:
         p, t, genes, spots = align_prediction_to_truth(pred, truth)
-        return Scored(evaluate(p, t, genes), p, t, genes, spots)
+        coords = prediction_coords(pred, spots)
+        metrics = evaluate_section(p, t, genes, coords=coords, k=k, label=label)
+        if coords is None:
+            metrics.update(ssc=float("nan"), ssim=float("nan"))
+        return Scored(metrics, p, t, genes, spots)
     except InputError as e:
         raise InputError(f"{label}: {e}") from e
 
 
-def evaluate_prediction(pred_path: str | Path, truth_path: str | Path, out: str | Path | None = None) -> dict:
-    """PCC-50, PCC-200, MSE, MAE, gene-gene correlation agreement and per-gene r."""
+def evaluate_prediction(pred_path: str | Path, truth_path: str | Path, out: str | Path | None = None,
+                        downstream_dir: str | Path | None = None) -> dict:
+    """The metrics of :func:`score_prediction` (PCC-50, PCC-200, MSE, MAE, GSC, SSC, RVD, SSIM, per-gene r)
+    of a prediction file against a truth file, written to ``out`` (JSON) if given.
+
+    With ``downstream_dir``, :func:`stgen.downstream.run_downstream` also runs (Leiden domains ARI/NMI,
+    DEG top-20/50 overlap; ``morans_scatter.png`` and ``coexpression.png`` into that folder) and its
+    numbers go under ``"downstream"``.
+    """
     pred_path = Path(pred_path)
     if not pred_path.is_file():
         raise InputError(f"prediction file {pred_path} does not exist")
     pred = ad.read_h5ad(pred_path)
     units = pred.uns.get("stgen", {}).get("units", "log2")
-    metrics = score_prediction(pred, load_truth(truth_path, units), f"{pred_path} vs {truth_path}").metrics
+    truth = load_truth(truth_path, units)
+    label = f"{pred_path} vs {truth_path}"
+    metrics = score_prediction(pred, truth, label).metrics
     metrics.update(units=units, prediction=str(pred_path), truth=str(truth_path),
                    model=pred.uns.get("stgen", {}).get("model"))
+    if downstream_dir is not None:
+        from .downstream import run_downstream
+
+        try:
+            metrics["downstream"] = run_downstream(pred, truth, out_dir=downstream_dir)
+        except InputError as e:
+            raise InputError(f"{label}: {e}") from e
     if out is not None:
         write_json(out, metrics)
     return metrics
@@ -526,4 +575,5 @@ def image_for_section(data_dir: Path, section: str) -> Path:
     return img
 
 
-__all__ = ["fit", "predict", "evaluate_prediction", "score_prediction", "load_run", "get_backbone", "MODELS"]
+__all__ = ["fit", "predict", "predict_or_reuse", "prediction_is_current", "evaluate_prediction", "score_prediction",
+           "load_run", "get_backbone", "MODELS"]
