@@ -176,11 +176,17 @@ def _panel_backbone(data_dir: Path, cfg: StgenConfig, cache_dir: Path, evaluated
     return backbone, [g for g in panel if g in backbone.gene_to_idx], meta
 
 
-def graph_builder(cfg: StgenConfig):
-    """``(xy, feats) -> SpotGraph`` with the run's FLAG graph settings (``flag.sigma_px``
-    defaulting to ``features.patch_px``, ``flag.knn``)."""
-    sigma_px = cfg.flag.sigma_px if cfg.flag.sigma_px is not None else cfg.features.patch_px
-    return lambda xy, feats: build_spot_graph(xy, feats, sigma_px=float(sigma_px), k=cfg.flag.knn)
+def flag_graph_settings(cfg: StgenConfig) -> dict:
+    """FLAG's spot-graph settings of a configuration, as stored in ``run.json``: ``sigma_px`` (RBF length
+    scale in full-resolution pixels, ``flag.sigma_px`` defaulting to ``features.patch_px``) and ``knn``."""
+    f = cfg.flag
+    return {"sigma_px": float(f.sigma_px if f.sigma_px is not None else cfg.features.patch_px), "knn": int(f.knn)}
+
+
+def graph_builder(settings: dict):
+    """``(xy, feats) -> SpotGraph`` with ``settings`` of :func:`flag_graph_settings` (or a FLAG run's
+    ``meta['flag']``, which holds them)."""
+    return lambda xy, feats: build_spot_graph(xy, feats, sigma_px=settings["sigma_px"], k=settings["knn"])
 
 
 # ------------------------------------------------------------------ fit
@@ -262,10 +268,9 @@ def fit(
             net = FLAG(fcfg, len(panel), feats.shape[1], emb)
             meta["backbone"].pop("genes", None)  # not needed to load a FLAG run: the embeddings are in the model
             sections = [(fs, a.obsm["spatial"], ts) for fs, a, ts in zip(feat_list, train.values(), target_list)]
-            build = graph_builder(cfg)
-            meta["training"] = train_flag(net, sections, f, build, progress=progress)
-            meta["flag"] = {"config": fcfg.to_dict(), "steps": f.steps, "samples": f.samples, "knn": f.knn,
-                            "sigma_px": float(f.sigma_px if f.sigma_px is not None else cfg.features.patch_px),
+            graph = flag_graph_settings(cfg)
+            meta["training"] = train_flag(net, sections, f, graph_builder(graph), progress=progress)
+            meta["flag"] = {"config": fcfg.to_dict(), "steps": f.steps, "samples": f.samples, **graph,
                             "embedding_dim": int(emb.shape[1]), "align_weight": f.align_weight,
                             "n_trainable": sum(p.numel() for p in net.parameters() if p.requires_grad)}
             save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp / "model.safetensors")
@@ -336,7 +341,7 @@ class TrainedRun:
         dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0])
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # FLAG: the section's spot graph; HINGE: the masking schedule
-        plan = (build_spot_graph(xy, feats, sigma_px=h["sigma_px"], k=h["knn"]) if flag
+        plan = (graph_builder(h)(xy, feats) if flag
                 else MaskSchedule(len(self.panel), h["T"], h["schedule"], h["zeta"]))
         gen = torch.Generator().manual_seed(seed)
         model = self.model.to(dev)
