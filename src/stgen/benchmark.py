@@ -42,7 +42,7 @@ from .data.her2st import list_sections
 from .downstream import domain_and_marker_scores, plot_morans_scatter, spatial_domains
 from .errors import InputError
 from .io import atomic_path
-from .metrics import morans_i, spatial_knn_graph
+from .metrics import morans_i_pair
 from .pipeline import (_check_model, config_hash, fit, image_for_section, load_truth, predict_or_reuse,
                        score_prediction)
 from .plots import plot_corr_heatmaps, plot_metric_bars, plot_spatial_maps
@@ -196,8 +196,7 @@ def _morans_figure(out: Path, section: str, preds: dict) -> None:
             log.warning("section %s: %d spots are too few for the Moran's I figure (need %d)", section, len(xy),
                         SSC_K + 1)
             return
-        graph = spatial_knn_graph(xy, SSC_K)
-        true_i[m], pred_i[m], ssc[m] = morans_i(t, graph), morans_i(p, graph), s
+        (pred_i[m], true_i[m]), ssc[m] = morans_i_pair(p, t, xy, SSC_K), s
     plot_morans_scatter(true_i, pred_i, out / f"morans_{section}.png", ssc=ssc,
                         title=f"Held-out section {section}: Moran's I per gene (seed-0 predictions)")
 

@@ -27,11 +27,10 @@ from stgen.errors import InputError
 from stgen.metrics import (
     _as_2d_float,
     _check_pair,
+    _finite_pair_correlation,
     align_prediction_to_truth,
-    morans_i,
+    morans_i_pair,
     prediction_coords,
-    spatial_knn_graph,
-    spatial_structural_correlation,
 )
 from stgen.plots import plot_corr_heatmaps, save_figure
 
@@ -464,15 +463,15 @@ def run_downstream(
     p, t = _check_pair(p, t)
 
     out: dict[str, Any] = domain_and_marker_scores(p, t, genes)
-    out["ssc"] = spatial_structural_correlation(p, t, coords, k)
+    morans_p, morans_t = morans_i_pair(p, t, coords, k)
+    out["ssc"] = _finite_pair_correlation(morans_p, morans_t)  # = spatial_structural_correlation(p, t, coords, k)
     out["n_spots"] = int(t.shape[0])
     out["n_genes"] = int(t.shape[1])
     if out_dir is not None:
         folder = Path(out_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        graph = spatial_knn_graph(coords, k)
         scatter = folder / "morans_scatter.png"
-        plot_morans_scatter(morans_i(t, graph), morans_i(p, graph), scatter, ssc=out["ssc"])
+        plot_morans_scatter(morans_t, morans_p, scatter, ssc=out["ssc"])
         coexpr = folder / "coexpression.png"
         out["module_genes"] = plot_coexpression(p, t, genes, coexpr, module_genes=module_genes)
         out["figures"] = {"morans_scatter": str(scatter), "coexpression": str(coexpr)}

@@ -32,6 +32,7 @@ __all__ = [
     "gene_gene_corr_agreement",
     "spatial_knn_graph",
     "morans_i",
+    "morans_i_pair",
     "spatial_structural_correlation",
     "relative_variance_distance",
     "gene_ssim",
@@ -372,9 +373,34 @@ def spatial_structural_correlation(pred: Any, true: Any, coords: Any, k: int = 8
         On shape mismatches, non-finite values or coordinates, or a section
         with fewer than ``k + 1`` spots.
     """
+    return _finite_pair_correlation(*morans_i_pair(pred, true, coords, k))
+
+
+def morans_i_pair(pred: Any, true: Any, coords: Any, k: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene Moran's I of ``pred`` and of ``true``, both on the symmetric kNN graph of ``coords``.
+
+    The two vectors SSC correlates (:func:`spatial_structural_correlation`),
+    e.g. for a Moran's I scatter plot.
+
+    Parameters
+    ----------
+    pred, true : array_like, shape (N, G)
+    coords : array_like, shape (N, 2)
+        True spot centres.
+    k : int, default 8
+
+    Returns
+    -------
+    (I_pred, I_true) : two np.ndarray of shape (G,), float64 (:func:`morans_i`; NaN for constant genes).
+
+    Raises
+    ------
+    InputError
+        On shape mismatches, non-finite values or coordinates, or fewer than ``k + 1`` spots.
+    """
     p, t = _check_pair(pred, true)
     w = spatial_knn_graph(_coords(coords, p.shape[0]), k)
-    return _finite_pair_correlation(morans_i(p, w), morans_i(t, w))
+    return morans_i(p, w), morans_i(t, w)
 
 
 def relative_variance_distance(pred: Any, true: Any) -> float:
