@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from ..errors import InputError
 from ..graph import SpotGraph
 from ..vesde import VESDE, heun_sample, masked_mean
-from .hinge import timestep_embedding
+from .hinge import floored_std, timestep_embedding
 
 
 @dataclass(frozen=True)
@@ -111,12 +111,6 @@ class FlagConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def floored_std(std: torch.Tensor, rel: float = 0.1) -> torch.Tensor:
-    """``std`` with every entry floored at ``rel`` x its median (and 1e-6): a near-constant
-    column would otherwise turn small shifts into huge z-scores."""
-    return std.clamp_min(max(float(std.median()) * rel, 1e-6))
 
 
 class GEGLU(nn.Module):
@@ -433,4 +427,4 @@ class FLAG(nn.Module):
         return runs.mean(0), std
 
 
-__all__ = ["FLAG", "FlagConfig", "floored_std"]
+__all__ = ["FLAG", "FlagConfig"]

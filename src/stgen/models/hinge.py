@@ -99,6 +99,13 @@ class HingeConfig:
         return asdict(self)
 
 
+def floored_std(std: torch.Tensor, rel: float = 0.1) -> torch.Tensor:
+    """``std`` with every entry floored at ``rel`` x its median (and 1e-6): a near-constant
+    column would otherwise turn small shifts into huge z-scores (HINGE's and FLAG's
+    feature standardisation, FLAG's target normalisation)."""
+    return std.clamp_min(max(float(std.median()) * rel, 1e-6))
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, T: int) -> torch.Tensor:
     """Sinusoidal embedding (B, dim) of timesteps ``t`` (B,) rescaled to [0, 1000]."""
     half = dim // 2
@@ -163,8 +170,7 @@ class HINGE(nn.Module):
         in :meth:`condition`).
         """
         self.feat_mean.copy_(mean)
-        floor = max(float(std.median()) * 0.1, 1e-6)
-        self.feat_std.copy_(std.clamp_min(floor))
+        self.feat_std.copy_(floored_std(std))
 
     def condition(self, feats: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``c_t = phi([v; e_t])``: (B, F), (B,) -> (B, cond_dim)."""
