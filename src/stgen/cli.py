@@ -83,7 +83,7 @@ def predict(model: Path = typer.Option(..., "--model", help="RUN_DIR written by 
             image: Path = typer.Option(..., "--image", help="H&E image (full resolution)"),
             spots: Path = typer.Option(..., "--spots", help="Her2ST *_selection.tsv or CSV barcode,pixel_x,pixel_y"),
             out: Path = typer.Option(..., "--out", help="output .h5ad"),
-            samples: Optional[int] = typer.Option(None, "--samples", help="samples averaged (default: the run's; HINGE 10, FLAG 3)"),
+            samples: Optional[int] = typer.Option(None, "--samples", help="samples averaged (default: the run's; HINGE 10, FLAG 10)"),
             steps: Optional[int] = typer.Option(None, "--steps", help="HINGE: unmasking steps K <= T (default 5); "
                                                 "FLAG: Heun steps (default 10)"),
             batch_size: Optional[int] = typer.Option(None, "--batch-size", help="HINGE: spots x samples per sampler "
