@@ -4,10 +4,14 @@ For each held-out section and model: fit (re-used when ``runs/<model>/<section>`
 holds a run with the same configuration hash), predict the held-out section
 (re-used when ``preds/<model>/<section>.h5ad`` came from the current fit with
 the default sampler, :func:`stgen.pipeline.prediction_is_current`; its stored
-predict time is reported), score it. With ``seeds=N`` (FLAG H.5) the generative
-models (hinge, flag) are predicted with sampling seeds 0..N-1 (seed ``s > 0``
-in ``preds/<model>/<section>_seed<s>.h5ad``) and every seed is scored; ridge is
-deterministic and predicted once. Writes into REPORT_DIR:
+predict time is reported), score it. ``models`` may be ``"all"``
+(:data:`stgen.models.registry.MODELS`). With ``seeds=N`` (FLAG H.5) the
+generative models (:data:`~stgen.models.registry.GENERATIVE`: hinge, flag,
+stem, stflow) are predicted with sampling seeds 0..N-1 (seed ``s > 0`` in
+``preds/<model>/<section>_seed<s>.h5ad``) and every seed is scored; the
+deterministic models are predicted once. A run or prediction is only re-used
+when its configuration hash / fit matches, so a report directory written with
+another configuration is refitted, never mixed in. Writes into REPORT_DIR:
 
 * ``metrics.csv`` - one row per (section, model): the metrics of
   :data:`METRICS` (mean over seeds), with N > 1 also their sampling sd over
@@ -43,7 +47,8 @@ from .downstream import domain_and_marker_scores, plot_morans_scatter, spatial_d
 from .errors import InputError
 from .io import atomic_path
 from .metrics import morans_i_pair
-from .pipeline import (_check_model, config_hash, fit, image_for_section, load_truth, predict_or_reuse,
+from .models.registry import GENERATIVE, expand_models
+from .pipeline import (config_hash, fit, image_for_section, load_truth, predict_or_reuse,
                        score_prediction)
 from .plots import plot_corr_heatmaps, plot_metric_bars, plot_spatial_maps
 
@@ -56,7 +61,6 @@ LABELS = {"pcc50": "PCC-50", "pcc200": "PCC-200", "mse": "MSE", "mae": "MAE", "g
 TABLES = (("Accuracy", ("pcc50", "pcc200", "mse", "mae")), ("Structure", ("gsc", "ssc", "rvd", "ssim")),
           ("Downstream", ("ari", "nmi", "deg_top20", "deg_top50")))
 TIMING = ("fit_s", "predict_s", "spots_per_s")
-GENERATIVE = ("hinge", "flag")  # sampled: one prediction per seed; ridge is deterministic
 SEED_SD_METRICS = ("pcc50", "mse", "gsc", "ssc")  # columns of the sampling-variance table
 SSC_K = 8  # neighbours of the spatial graph of SSC and the Moran's I figure (FLAG App. C.2)
 LEGEND = (
@@ -111,9 +115,7 @@ def run_benchmark(
     """
     cfg = cfg or StgenConfig()
     data_dir, out = Path(data_dir), Path(out)
-    models = [_check_model(m) for m in models]
-    if not models:
-        raise InputError("no model given to benchmark")
+    models = expand_models(models)
     if isinstance(seeds, bool) or int(seeds) != seeds or seeds < 1:
         raise InputError(f"--seeds must be a positive integer, got {seeds!r}")
     seeds = int(seeds)
@@ -271,7 +273,8 @@ def write_report(df: pd.DataFrame, out: Path, cfg: StgenConfig, seed_df: pd.Data
              f"encoder {cfg.features.encoder}, patch {cfg.features.patch_px} px; folds: {', '.join(df.section.unique())}.",
              "Mean ± sd across folds; a fold whose value is undefined (NaN) is left out and the number of folds "
              "used is shown. Metric definitions at the end."
-             + (f" Generative models (hinge, flag): every fold is the mean over {n_seeds} sampling seeds."
+             + (f" Generative models ({', '.join(m for m in GENERATIVE if m in set(df.model))}): every fold is the "
+                f"mean over {n_seeds} sampling seeds."
                 if n_seeds > 1 else ""), ""]
     for title, keys in TABLES:
         keys = [k for k in keys if k in metrics]

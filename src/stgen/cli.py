@@ -1,6 +1,8 @@
 """Command-line interface: ``stgen pretrain | fit | predict | evaluate | benchmark | ablate | steps | horizon``.
 
-Models (``--model`` / ``--models``): ``hinge``, ``ridge`` and ``flag``.
+Models (``--model`` / ``--models``): ``hinge``, ``flag``, ``ridge`` and the benchmark models
+``hifusion``, ``stnet``, ``bleep``, ``stem``, ``stflow`` (:mod:`stgen.models.registry`); ``--models all``
+runs every one.
 
 Every user-caused error (bad file, unknown section, ...) is printed as one line
 ``error: ...`` on stderr with exit code 2; nothing half-written is left behind.
@@ -57,7 +59,7 @@ def pretrain(data: Optional[Path] = DataOpt, config: Optional[Path] = ConfigOpt,
 @app.command()
 def fit(test_section: str = typer.Option(..., "--test-section", help="held-out section, e.g. C2"),
         out: Path = typer.Option(..., "--out", help="RUN_DIR to create"),
-        model: str = typer.Option("hinge", "--model", help="hinge | ridge | flag"),
+        model: str = typer.Option("hinge", "--model", help="hinge | flag | ridge | hifusion | stnet | bleep | stem | stflow"),
         backbone: Optional[str] = typer.Option(
             None, "--backbone", help="HINGE backbone (FLAG: source of its frozen gene embeddings): default | "
             "cellfm:PATH.safetensors (see `stgen convert cellfm`) | scgpt:MODEL_DIR (best_model.pt, args.json, "
@@ -71,10 +73,12 @@ def fit(test_section: str = typer.Option(..., "--test-section", help="held-out s
     if backbone is not None:
         cfg.hinge.backbone = backbone
     meta = _run(_fit, _data(data), test_section, out, model=model, cfg=cfg, cache_dir=cache, progress=not quiet)
-    tr = meta.get("training", {})
+    tr = meta.get("training") or {}
+    best = [f"{k.removeprefix('best_').replace('_', ' ')} {v:.4g}" for k, v in tr.items()
+            if k.startswith("best_val") and isinstance(v, (int, float))]  # MSE, or BLEEP's contrastive loss
     typer.echo(f"{model}: {len(meta['panel'])} genes, {meta['n_train_spots']} training spots from "
                f"{meta['train_sections']}; timings {meta['timings']}"
-               + (f"; best epoch {tr['best_epoch']} val MSE {tr['best_val_mse']:.4f}" if tr else "")
+               + (f"; best epoch {tr.get('best_epoch')} {', '.join(best)}" if best else "")
                + f" -> {out}")
 
 
@@ -121,17 +125,19 @@ def evaluate(pred: Path = typer.Option(..., "--pred", help="prediction .h5ad fro
 
 @app.command()
 def benchmark(out: Path = typer.Option(..., "--out", help="REPORT_DIR"),
-              models: str = typer.Option("hinge,ridge", "--models", help="comma-separated, of hinge,ridge,flag"),
+              models: str = typer.Option("hinge,ridge", "--models", help="'all' or comma-separated, of hinge, flag, ridge, "
+                                         "hifusion, stnet, bleep, stem, stflow"),
               sections: Optional[str] = typer.Option(None, "--sections", help="comma-separated held-out sections (default: all imaged)"),
               seeds: int = typer.Option(1, "--seeds", help="sampling seeds 0..N-1 per generative model (hinge, "
-                                        "flag) and fold: metrics averaged over seeds, plus their sd (FLAG H.5)"),
+                                        "flag, stem, stflow) and fold: metrics averaged over seeds, plus their sd "
+                                        "(FLAG H.5)"),
               data: Optional[Path] = DataOpt, config: Optional[Path] = ConfigOpt, cache: Optional[Path] = CacheOpt,
               quiet: bool = QuietOpt) -> None:
     """Leave-one-section-out over every imaged section; metrics.csv, report.md and PNG maps."""
     from .benchmark import run_benchmark
 
     cfg = _run(StgenConfig.load, config)
-    ms = [m.strip() for m in models.split(",") if m.strip()]
+    ms = models
     secs = [s.strip() for s in sections.split(",")] if sections else None
     _run(run_benchmark, _data(data), out, ms, cfg, sections=secs, cache_dir=cache, progress=not quiet, seeds=seeds)
     typer.echo(f"report -> {out / 'report.md'}")

@@ -15,13 +15,45 @@ Unknown sections or keys raise :class:`~stgen.errors.InputError`.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from .errors import InputError
+
+if TYPE_CHECKING:  # the benchmark models own their hyper-parameter dataclasses
+    from .models.bleep import BLEEPConfig
+    from .models.hifusion import HiFusionConfig
+    from .models.stem import StemConfig
+    from .models.stflow import STFlowConfig
+    from .models.stnet import STNetConfig
+
+
+def coerce_numbers(cfg: object, section: str) -> None:
+    """Convert a config dataclass's numeric fields in place (YAML gives ``1e-3`` as a string).
+
+    A field whose default is a float becomes ``float``; one whose default is an
+    int must hold a whole number and becomes ``int``; InputError (a
+    ValueError) naming ``section.field`` otherwise. Bools are left alone.
+    """
+    for f in fields(cfg):
+        v, d = getattr(cfg, f.name), f.default
+        if v is None or isinstance(d, bool) or not isinstance(d, (int, float)):
+            continue
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            raise InputError(f"{section}.{f.name} must be a number, got {v!r}") from None
+        if not math.isfinite(x):
+            raise InputError(f"{section}.{f.name} must be finite, got {v!r}")
+        if isinstance(d, int):
+            if x != int(x):
+                raise InputError(f"{section}.{f.name} must be a whole number, got {v!r}")
+            x = int(x)
+        setattr(cfg, f.name, x)
 
 
 @dataclass
@@ -156,14 +188,37 @@ class FlagTrainConfig:
     precision: str = "32-true"  # Lightning precision for training (also used to sample)
 
 
+def _model_section(name: str):
+    """A config section holding the ``config_cls`` of the benchmark model ``name``
+    (:mod:`stgen.models.registry`), imported when a configuration is built."""
+
+    def make():
+        from .models.registry import spot_model
+
+        return spot_model(name).config_cls()
+
+    return field(default_factory=make)
+
+
 @dataclass
 class StgenConfig:
+    """The whole configuration: one section per concern and one per model.
+
+    A model's section enters only its own config hash except for ``hinge``,
+    whose ``seed`` ridge also uses (:func:`stgen.pipeline.config_hash`).
+    """
+
     data: DataConfig = field(default_factory=DataConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     hinge: HingeTrainConfig = field(default_factory=HingeTrainConfig)
     ridge: RidgeConfig = field(default_factory=RidgeConfig)
-    flag: FlagTrainConfig = field(default_factory=FlagTrainConfig)  # not in hinge/ridge config hashes
+    flag: FlagTrainConfig = field(default_factory=FlagTrainConfig)
+    hifusion: "HiFusionConfig" = _model_section("hifusion")
+    stnet: "STNetConfig" = _model_section("stnet")
+    bleep: "BLEEPConfig" = _model_section("bleep")
+    stem: "StemConfig" = _model_section("stem")
+    stflow: "STFlowConfig" = _model_section("stflow")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -180,10 +235,15 @@ class StgenConfig:
                 raise InputError(f"{source}: section {section!r} must be a mapping")
             sub = getattr(cfg, section)
             names = {f.name for f in dataclasses.fields(sub)}
-            for k, v in values.items():
+            for k in values:
                 if k not in names:
                     raise InputError(f"{source}: unknown key {section}.{k}; known: {sorted(names)}")
-                setattr(sub, k, v)
+            try:  # a rebuilt dataclass runs its own validation (__post_init__), if it has one
+                new = dataclasses.replace(sub, **values)
+                coerce_numbers(new, section)
+                setattr(cfg, section, new)
+            except (TypeError, ValueError) as e:
+                raise InputError(f"{source}: section {section!r}: {e}") from e
         return cfg
 
     @classmethod

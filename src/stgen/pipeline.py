@@ -41,16 +41,17 @@ from .io import atomic_dir, atomic_path, sha256_file, sha256_json, write_json
 from .masking import MaskSchedule
 from .metrics import align_prediction_to_truth, evaluate_section, prediction_coords
 from .models.backbone import BackboneConfig, ExpressionBackbone
+from .models.base import FeatureSettings, SectionInput
 from .models.external import gene_token_embeddings, load_external_backbone, parse_backbone_spec
 from .models.flag import FLAG, FlagConfig
 from .models.hinge import HINGE, HingeConfig
+from .models.registry import GENERATIVE, MODELS, SPOT_MODELS, check_model, spot_model
 from .models.ridge import RidgeBaseline
 from .patches import open_image
 from .train import pretrain_backbone, train_flag, train_hinge
 
 log = logging.getLogger(__name__)
 
-MODELS = ("hinge", "ridge", "flag")
 BACKBONE_FORMAT = 2
 
 
@@ -72,10 +73,7 @@ def default_data_dir() -> Path:
     raise InputError("no Her2ST data found: pass --data DIR (a folder with ST-cnts/, ST-spotfiles/, ST-imgs/)")
 
 
-def _check_model(name: str) -> str:
-    if name not in MODELS:
-        raise InputError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
-    return name
+_check_model = check_model
 
 
 # ------------------------------------------------------------------ features
@@ -89,6 +87,13 @@ def section_features(adata: ad.AnnData, cfg: StgenConfig, cache_dir: Path, progr
         path, adata.obsm["spatial"], patch_px=f.patch_px, encoder=f.encoder, tta=f.tta,
         batch_size=f.batch_size, cache_dir=cache_dir, show_progress=progress,
     )
+
+
+def feature_settings(cfg: StgenConfig, cache_dir: str | Path | None, progress: bool = False) -> FeatureSettings:
+    """The run's encoder settings (config section ``features``) for the :class:`SpotModel` benchmark models."""
+    f = cfg.features
+    return FeatureSettings(encoder=f.encoder, patch_px=f.patch_px, tta=f.tta, batch_size=f.batch_size,
+                           cache_dir=Path(cache_dir) if cache_dir is not None else None, progress=progress)
 
 
 # ------------------------------------------------------------------ backbone
@@ -274,6 +279,16 @@ def fit(
                             "embedding_dim": int(emb.shape[1]), "align_weight": f.align_weight,
                             "n_trainable": sum(p.numel() for p in net.parameters() if p.requires_grad)}
             save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp / "model.safetensors")
+        elif model in SPOT_MODELS:
+            sections = [SectionInput(name, a.obsm["spatial"], fs, a.uns["stgen"].get("image_path"), ts)
+                        for name, fs, a, ts in zip(train, feat_list, train.values(), target_list)]
+            net, meta["training"] = spot_model(model).fit(sections, panel, getattr(cfg, model),
+                                                          feature_settings(cfg, cache_dir, progress), progress=progress)
+            tensors, meta[model] = net.state()
+            if model in GENERATIVE:
+                sub = getattr(cfg, model)
+                meta["sampler"] = {"steps": int(sub.steps), "samples": int(sub.samples)}
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "model.safetensors")
         else:
             RidgeBaseline(n_components=cfg.ridge.n_components, seed=cfg.hinge.seed).fit(feats, targets).save(tmp)
         timings["train_s"] = round(time.time() - t0, 1)
@@ -288,12 +303,14 @@ def fit(
 def config_hash(cfg: StgenConfig, model: str, test_section: str) -> str:
     """Identity of a fit: same hash = same model would be trained.
 
-    The ``flag`` section counts only for FLAG: it was added after HINGE and
-    ridge, whose hashes (and cached runs) must not change with it.
+    The sections of the models added after HINGE and ridge (``flag`` and the
+    benchmark models) count only for their own model: the hashes (and cached
+    runs) of the others must not change with them.
     """
     d = cfg.to_dict()
-    if model != "flag":
-        d.pop("flag", None)
+    for other in ("flag", *SPOT_MODELS):
+        if other != model:
+            d.pop(other, None)
     return sha256_json({"cfg": d, "model": model, "test": test_section, "v": __version__})[:16]
 
 
@@ -305,6 +322,7 @@ class TrainedRun:
     meta: dict
     cfg: StgenConfig
     model: object
+    cache_dir: Path | None = None  # feature cache of the benchmark models' extra patches (HiFusion)
 
     @property
     def panel(self) -> list[str]:
@@ -313,7 +331,7 @@ class TrainedRun:
     def predict(self, feats: np.ndarray, samples: int | None = None, steps: int | None = None,
                 seed: int = 0, progress: bool = False, batch_size: int | None = None,
                 device: str | None = None, precision: str | None = None,
-                xy: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                xy: np.ndarray | None = None, image: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Mean and sd over samples, (N, G) each, in the run's target units.
 
         ``device`` defaults to CUDA when available; ``precision`` (default: the
@@ -321,11 +339,19 @@ class TrainedRun:
         FLAG needs ``xy`` (N, 2), the spots' full-resolution pixel coordinates
         (its spot graph is built from them); all spots of ``feats`` are one
         section, generated together. For FLAG ``batch_size`` is the number of
-        spots per DiT chunk (default: all).
+        spots per DiT chunk (default: all). The benchmark models (:data:`SPOT_MODELS`) need ``xy`` too,
+        HiFusion and ST-Net also the ``image`` (they encode or fine-tune on its patches); they run on the CPU.
         """
         if self.meta["model"] == "ridge":
             mean = self.model.predict(feats)
             return mean, np.zeros_like(mean)
+        if self.meta["model"] in SPOT_MODELS:
+            if xy is None:
+                raise InputError(f"{self.meta['model']} needs the spots' pixel coordinates xy")
+            section = SectionInput("predict", xy, feats, Path(image) if image is not None else None)
+            mean, std = self.model.predict(section, feature_settings(self.cfg, self.cache_dir, progress),
+                                           samples=samples, steps=steps, seed=seed, progress=progress)
+            return np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
         flag = self.meta["model"] == "flag"
         h = self.meta["flag" if flag else "hinge"]
         steps = steps or h["steps"]
@@ -360,6 +386,13 @@ def load_run(run_dir: str | Path) -> TrainedRun:
     cfg = StgenConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()), source=str(run_dir / "config.yaml"))
     if meta["model"] == "ridge":
         return TrainedRun(meta, cfg, RidgeBaseline.load(run_dir))
+    if meta["model"] in SPOT_MODELS:
+        name = meta["model"]
+        try:
+            tensors = load_file(run_dir / "model.safetensors")
+        except (RuntimeError, OSError) as e:
+            raise InputError(f"{run_dir / 'model.safetensors'} is not a readable safetensors file: {e}") from e
+        return TrainedRun(meta, cfg, spot_model(name).from_state(tensors, meta[name], getattr(cfg, name)))
     if meta["model"] == "flag":
         fm = meta["flag"]
         emb = torch.zeros(len(meta["panel"]), fm["embedding_dim"]) if fm.get("embedding_dim") else None
@@ -421,6 +454,7 @@ def predict(
     """
     t_start = time.perf_counter()
     run = load_run(run_dir)
+    run.cache_dir = Path(cache_dir or default_cache_dir())
     spots_df = read_spots(spots)
     img = open_image(image)
     w, h = img.size
@@ -433,9 +467,9 @@ def predict(
     feats = extract_features(image, xy, patch_px=f.patch_px, encoder=f.encoder, tta=f.tta, batch_size=f.batch_size,
                              cache_dir=Path(cache_dir or default_cache_dir()), show_progress=progress)
     mean, std = run.predict(feats, samples=samples, steps=steps, seed=seed, progress=progress,
-                            batch_size=batch_size, device=device, precision=precision, xy=xy)
-    is_gen = run.meta["model"] != "ridge"
-    h = run.meta.get(run.meta["model"], {})  # the sampler defaults of hinge / flag
+                            batch_size=batch_size, device=device, precision=precision, xy=xy, image=image)
+    is_gen = run.meta["model"] in GENERATIVE
+    h = sampler_defaults(run.meta)
     adata = ad.AnnData(
         X=mean.astype(np.float32),
         obs=spots_df.copy(),
@@ -456,6 +490,14 @@ def predict(
     return adata
 
 
+def sampler_defaults(meta: dict) -> dict:
+    """``{"steps", "samples"}`` a generative run samples with by default (``run.json``): hinge and flag keep
+    them in their own section, the benchmark models in ``sampler``; ``{}`` for deterministic models."""
+    if meta.get("model") not in GENERATIVE:
+        return {}
+    return meta.get("sampler") or meta.get(meta["model"], {}) or {}
+
+
 def prediction_is_current(pred_path: str | Path, run_dir: str | Path, seed: int = 0) -> bool:
     """True when ``pred_path`` exists and was written by :func:`predict` from the current fit in ``run_dir``
     with the run's default steps/samples and sampling seed ``seed`` (its ``uns['stgen']['run_sha256']``
@@ -468,8 +510,8 @@ def prediction_is_current(pred_path: str | Path, run_dir: str | Path, seed: int 
     except (OSError, KeyError, ValueError):
         return False
     meta = json.loads(meta_path.read_text())
-    h = meta.get(meta.get("model"), {}) or {}  # the sampler defaults of hinge / flag
-    defaults = info.get("model") == "ridge" or (
+    h = sampler_defaults(meta)
+    defaults = info.get("model") not in GENERATIVE or (
         int(info.get("steps", -1)) == int(h.get("steps", -2)) and int(info.get("samples", -1)) == int(h.get("samples", -2)))
     return info.get("run_sha256") == sha256_file(meta_path) and int(info.get("seed", -1)) == int(seed) and defaults
 

@@ -1,0 +1,185 @@
+"""The interface of the benchmark models (HiFusion and the papers' baselines).
+
+Every model kind registered in :mod:`stgen.models.registry` is a
+:class:`SpotModel`. The pipeline (:mod:`stgen.pipeline`) does everything around
+it - reading sections, choosing the HMHVG panel, caching encoder features,
+writing RUN_DIR atomically, re-using runs by config hash - so a model only
+learns, predicts and hands over its weights:
+
+* ``fit(train, panel, cfg, features)`` trains on a list of :class:`SectionInput`
+  (one per training section, ``targets`` set) and returns ``(model, history)``;
+* ``state()`` returns ``(tensors, meta)``: ``tensors`` are written to
+  ``model.safetensors``, ``meta`` (JSON-serialisable) to ``run.json``;
+  ``from_state(tensors, meta, cfg)`` rebuilds the same model (no pickle);
+* ``predict(section, features, samples, steps, seed)`` returns the mean and the
+  per-spot sample sd ``(N, G)`` each, in the run's target units (log2(count+1)
+  by default); deterministic models return a zero sd.
+
+Units: ``xy`` are full-resolution pixel coordinates (x = column, y = row) of
+spot centres; ``feats`` are the run's encoder features of the spot patch
+(``features.patch_px`` pixels, e.g. 1280-d EfficientNet-Lite0); ``targets`` are
+in the run's target units.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..features import extract_features
+
+__all__ = ["SectionInput", "FeatureSettings", "SpotModel", "check_training_sections", "check_predict_section",
+           "resolve_count"]
+
+
+@dataclass
+class SectionInput:
+    """One section's inputs.
+
+    Attributes
+    ----------
+    name : section id, e.g. ``"C2"``.
+    xy : (N, 2) float64 spot centres, full-resolution pixels (x, y).
+    feats : (N, F) float32 encoder features of each spot's patch.
+    image : path of the full-resolution H&E image (``None`` only when a model
+        needs nothing beyond ``feats``).
+    targets : (N, G) float32 expression in the run's units, or ``None`` (predict).
+    """
+
+    name: str
+    xy: np.ndarray
+    feats: np.ndarray
+    image: Path | None = None
+    targets: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.xy = np.asarray(self.xy, dtype=np.float64)
+        self.feats = np.asarray(self.feats, dtype=np.float32)
+        n = len(self.feats)
+        if self.xy.shape != (n, 2):
+            raise InputError(f"section {self.name}: xy must be ({n}, 2), got {self.xy.shape}")
+        if self.targets is not None:
+            self.targets = np.asarray(self.targets, dtype=np.float32)
+            if self.targets.ndim != 2 or len(self.targets) != n:
+                raise InputError(f"section {self.name}: targets must be ({n}, G), got {self.targets.shape}")
+
+    @property
+    def n_spots(self) -> int:
+        return len(self.feats)
+
+    def require_image(self, model: str) -> Path:
+        """The image path; InputError naming ``model`` when the section has none."""
+        if self.image is None or not Path(self.image).is_file():
+            raise InputError(f"{model} reads image patches itself: section {self.name} has no image ({self.image})")
+        return Path(self.image)
+
+
+@dataclass
+class FeatureSettings:
+    """The run's patch encoder settings (config section ``features``) and feature cache.
+
+    :meth:`encode` encodes patches of any size around any centres through
+    :func:`stgen.features.extract_features` (cached on disk when ``cache_dir``
+    is set), e.g. HiFusion's sub-patches and neighbourhood patches.
+    """
+
+    encoder: str = "efficientnet-lite0"
+    patch_px: int = 224
+    tta: bool = False
+    batch_size: int = 32
+    cache_dir: Path | None = None
+    progress: bool = False
+
+    def encode(self, image: str | Path, xy: np.ndarray, patch_px: int | None = None,
+               input_px: int | None = None) -> np.ndarray:
+        """(N, dim) float32 features of ``patch_px``-pixel patches (default: the spot patch) around ``xy``,
+        resized to ``input_px`` (default: the encoder's input size; see :func:`stgen.features.extract_features`)."""
+        return extract_features(image, xy, patch_px=int(patch_px or self.patch_px), encoder=self.encoder,
+                                tta=self.tta, batch_size=self.batch_size, cache_dir=self.cache_dir,
+                                show_progress=self.progress, input_px=input_px)
+
+
+class SpotModel(ABC):
+    """A trainable spot-level expression predictor (see the module docstring).
+
+    Class attributes: ``name`` (the ``--model`` value and config section),
+    ``generative`` (sampled: ``predict`` draws ``samples`` samples and averages
+    them, so the benchmark runs it once per seed), ``config_cls`` (a dataclass
+    of its hyper-parameters, the YAML section ``name``).
+    """
+
+    name: ClassVar[str]
+    generative: ClassVar[bool] = False
+    config_cls: ClassVar[type]
+
+    @classmethod
+    @abstractmethod
+    def fit(cls, train: list[SectionInput], panel: list[str], cfg: Any, features: FeatureSettings,
+            progress: bool = True) -> tuple["SpotModel", dict]:
+        """Train on ``train`` (each with ``targets`` (N_s, G), G = len(panel)); return (model, history)."""
+
+    @abstractmethod
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """``(tensors, meta)``: everything :meth:`from_state` needs; meta JSON-serialisable."""
+
+    @classmethod
+    @abstractmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict, cfg: Any) -> "SpotModel":
+        """Rebuild a fitted model from :meth:`state`'s output and its config."""
+
+    @abstractmethod
+    def predict(self, section: SectionInput, features: FeatureSettings, samples: int | None = None,
+                steps: int | None = None, seed: int = 0, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``(mean, sd)``, (N, G) float32 each, target units. ``samples``/``steps`` default to the config's."""
+
+
+def check_training_sections(train: list[SectionInput], panel: list[str], model: str) -> int:
+    """Validate training sections for ``model``; returns the feature width ``F``.
+
+    Every section needs ``targets`` (N_s, G = len(panel)), the same ``F`` and
+    finite features/targets; InputError names the section and the problem.
+    """
+    if not train:
+        raise InputError(f"{model} needs at least one training section, got none")
+    if not panel:
+        raise InputError(f"{model} needs a non-empty gene panel")
+    g, f = len(panel), train[0].feats.shape[1] if train[0].feats.ndim == 2 else -1
+    for s in train:
+        if s.n_spots < 1:
+            raise InputError(f"{model}: training section {s.name} has no spots")
+        if s.feats.ndim != 2 or s.feats.shape[1] != f or f < 1:
+            raise InputError(f"{model}: training section {s.name} has features of shape {s.feats.shape}, "
+                             f"expected (N, {f}) like section {train[0].name}")
+        if s.targets is None:
+            raise InputError(f"{model}: training section {s.name} has no targets")
+        if s.targets.shape[1] != g:
+            raise InputError(f"{model}: training section {s.name} has targets with {s.targets.shape[1]} genes, "
+                             f"but the panel has {g}")
+        if not np.isfinite(s.feats).all() or not np.isfinite(s.targets).all():
+            raise InputError(f"{model}: training section {s.name} has NaN or infinite features or targets")
+    return int(f)
+
+
+def check_predict_section(section: SectionInput, feat_dim: int, model: str) -> None:
+    """InputError naming ``section`` when its features are not finite (N >= 1, ``feat_dim``)."""
+    if section.n_spots < 1:
+        raise InputError(f"{model}: section {section.name} has no spots")
+    if section.feats.ndim != 2 or section.feats.shape[1] != feat_dim:
+        raise InputError(f"{model}: section {section.name} has features of shape {section.feats.shape}, "
+                         f"the model was trained on {feat_dim}-d features")
+    if not np.isfinite(section.feats).all():
+        raise InputError(f"{model}: section {section.name} has NaN or infinite features")
+
+
+def resolve_count(value: int | None, default: int, name: str, model: str) -> int:
+    """``value`` (or ``default`` when None) as an int >= 1, e.g. ``samples``/``steps``; InputError otherwise."""
+    v = default if value is None else value
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+        raise InputError(f"{model}: {name} must be an integer >= 1, got {v!r}")
+    return int(v)
