@@ -162,3 +162,30 @@ def test_unknown_encoder(img_path: Path) -> None:
         build_encoder("resnet-9000")
     with pytest.raises(InputError, match="resnet-9000"):
         extract_features(img_path, np.zeros((1, 2)), encoder="resnet-9000")
+
+
+def test_input_px_encodes_at_native_size_only_for_any_size_encoders(tmp_path):
+    """``input_px`` resizes to that side instead of the encoder input (own cache key; old keys unchanged);
+    an encoder of fixed input size refuses it with an InputError naming it."""
+    from stgen.features import RGBStatsEncoder, feature_cache_path, register_encoder
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "img.png"
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    xy = np.array([[20.0, 20.0], [40.0, 30.0]])
+    native = extract_features(path, xy, patch_px=8, encoder="rgb-stats", input_px=8, show_progress=False)
+    resized = extract_features(path, xy, patch_px=8, encoder="rgb-stats", show_progress=False)
+    patches = torch.from_numpy(extract_patches(np.asarray(Image.open(path)), xy, 8)).permute(0, 3, 1, 2) / 255.0
+    np.testing.assert_allclose(native[:, 3:], patches.std(dim=(2, 3)).numpy(), atol=1e-6)  # no resampling
+    assert not np.allclose(native[:, 3:], resized[:, 3:], atol=1e-4)
+    keys = {feature_cache_path(tmp_path, path, xy, 8, "rgb-stats", False, p) for p in (None, 8, 16)}
+    assert len(keys) == 3
+    assert feature_cache_path(tmp_path, path, xy, 8, "rgb-stats", False) == \
+        feature_cache_path(tmp_path, path, xy, 8, "rgb-stats", False, None)
+
+    class FixedSize(RGBStatsEncoder):
+        any_size = False
+
+    register_encoder("fixed-size-test", FixedSize, 6)
+    with pytest.raises(InputError, match="fixed-size-test"):
+        extract_features(path, xy, patch_px=8, encoder="fixed-size-test", input_px=8, show_progress=False)

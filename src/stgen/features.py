@@ -2,7 +2,9 @@
 
 An encoder maps a float batch ``(B, 3, H, W)`` with values in [0, 1] to
 ``(B, dim)`` features; it resizes to its ``input_size`` and applies its own
-``mean``/``std`` normalisation. The default, EfficientNet-Lite0 with ImageNet
+``mean``/``std`` normalisation. Encoders whose ``any_size`` is True (the
+convolutional ones) also take ``size=S`` to resize to ``S`` px instead, so a
+small patch can be encoded at its native resolution (HiFusion's sub-patches). The default, EfficientNet-Lite0 with ImageNet
 weights, yields 1280-d globally average-pooled features.
 """
 
@@ -52,7 +54,7 @@ class PatchEncoder(Protocol):
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor: ...  # encoders with any_size=True: (batch, size=None)
 
 
 def _prepare(batch: torch.Tensor, size: int, mean, std) -> torch.Tensor:
@@ -72,6 +74,7 @@ class EfficientNetLite0Encoder:
     name = "efficientnet-lite0"
     dim = 1280
     input_size = 224
+    any_size = True  # fully convolutional + global pooling: any input >= 32 px (stride 32)
     mean = IMAGENET_MEAN
     std = IMAGENET_STD
 
@@ -87,8 +90,10 @@ class EfficientNetLite0Encoder:
         self.model = model.eval().to(self.device)
 
     @torch.no_grad()
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        x = _prepare(batch.to(self.device), self.input_size, self.mean, self.std)
+    def __call__(self, batch: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        if size is not None and size < 32:
+            raise InputError(f"{self.name} needs inputs of at least 32 px, got {size}")
+        x = _prepare(batch.to(self.device), size or self.input_size, self.mean, self.std)
         return self.model.extract_features(x).mean(dim=(2, 3))
 
 
@@ -98,6 +103,7 @@ class RGBStatsEncoder:
     name = "rgb-stats"
     dim = 6
     input_size = 32
+    any_size = True
     mean = (0.0, 0.0, 0.0)
     std = (1.0, 1.0, 1.0)
 
@@ -105,8 +111,8 @@ class RGBStatsEncoder:
         self.device = torch.device(device)
 
     @torch.no_grad()
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        x = _prepare(batch.to(self.device), self.input_size, self.mean, self.std)
+    def __call__(self, batch: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        x = _prepare(batch.to(self.device), size or self.input_size, self.mean, self.std)
         return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
 
 
@@ -200,18 +206,20 @@ def feature_cache_path(
     patch_px: int,
     encoder: str,
     tta: bool,
+    input_px: int | None = None,
 ) -> Path:
     """Cache file ``<cache_dir>/features/<key>.npy`` for these inputs (hashes the image)."""
-    key = sha256_json(
-        {
-            "image_sha256": _image_sha256(Path(image_path)),
-            "centers_sha256": _centers_sha256(np.asarray(centers_xy, dtype=np.float64)),
-            "patch_px": int(patch_px),
-            "encoder": encoder,
-            "tta": bool(tta),
-            "version": FEATURE_CODE_VERSION,
-        }
-    )
+    key = {
+        "image_sha256": _image_sha256(Path(image_path)),
+        "centers_sha256": _centers_sha256(np.asarray(centers_xy, dtype=np.float64)),
+        "patch_px": int(patch_px),
+        "encoder": encoder,
+        "tta": bool(tta),
+        "version": FEATURE_CODE_VERSION,
+    }
+    if input_px is not None:  # only then, so that the keys of every cache written before it stay valid
+        key["input_px"] = int(input_px)
+    key = sha256_json(key)
     return Path(cache_dir) / "features" / f"{key}.npy"
 
 
@@ -239,6 +247,7 @@ def extract_features(
     batch_size: int = 32,
     cache_dir: str | os.PathLike | None = None,
     show_progress: bool = True,
+    input_px: int | None = None,
 ) -> np.ndarray:
     """Encode a square patch around each spot centre.
 
@@ -254,6 +263,9 @@ def extract_features(
         keyed by image content, centres, patch size, encoder, tta and code version;
         an unreadable, misshapen or non-finite cache file is recomputed.
     show_progress : show a tqdm bar ``features <section>/<file>``.
+    input_px : encode each patch resized to this side instead of the encoder's
+        ``input_size`` (``input_px = patch_px``: native resolution); only for
+        encoders with ``any_size`` (EfficientNet-Lite0: >= 32 px).
 
     Returns
     -------
@@ -275,17 +287,21 @@ def extract_features(
         raise InputError(f"patch_px must be a positive integer, got {patch_px!r}")
     if not image_path.is_file():
         raise InputError(f"{image_path}: image file not found")
+    if input_px is not None and not getattr(spec.factory, "any_size", False):
+        raise InputError(f"encoder {encoder!r} only encodes patches at its own input size; input_px={input_px} "
+                         f"needs a convolutional encoder such as efficientnet-lite0")
     n = len(c)
 
     cache_file = None
     if cache_dir is not None:
-        cache_file = feature_cache_path(cache_dir, image_path, c, patch_px, encoder, tta)
+        cache_file = feature_cache_path(cache_dir, image_path, c, patch_px, encoder, tta, input_px)
         cached = _load_cached(cache_file, (n, spec.dim))
         if cached is not None:
             return cached
 
     image = np.asarray(open_image(image_path))  # decode once, (H, W, 3) uint8
     enc = build_encoder(encoder)
+    kw = {} if input_px is None else {"size": int(input_px)}
     out = np.empty((n, spec.dim), dtype=np.float32)
     desc = f"features {image_path.parent.name}/{image_path.name}"
     with torch.no_grad(), tqdm(total=n, desc=desc, unit="patch", disable=not show_progress) as bar:
@@ -293,9 +309,9 @@ def extract_features(
             patches = extract_patches(image, c[s : s + batch_size], size_px=int(patch_px))
             x = torch.from_numpy(patches).permute(0, 3, 1, 2).float().div_(255.0)
             if tta:
-                f = torch.stack([enc(v.contiguous()) for v in dihedral_views(x)]).mean(0)
+                f = torch.stack([enc(v.contiguous(), **kw) for v in dihedral_views(x)]).mean(0)
             else:
-                f = enc(x)
+                f = enc(x, **kw)
             f = f.detach().float().cpu().numpy()
             if f.shape != (len(patches), spec.dim):
                 raise RuntimeError(f"encoder {encoder!r} returned shape {f.shape}, expected ({len(patches)}, {spec.dim})")
