@@ -1,5 +1,8 @@
 """Training loops (PyTorch Lightning): backbone pre-training and HINGE.
 
+* :class:`BestWeights` - the per-epoch history and best-validation weights
+  of every training module (HINGE, FLAG and the benchmark models in
+  :mod:`stgen.models`).
 * :func:`pretrain_backbone` - masked auto-encoding of the expression backbone
   (CellFM's pre-training objective): gene subsets drawn with probability
   proportional to mean expression (plus a floor), a random mask ratio
@@ -81,6 +84,72 @@ def _trainer(max_epochs: int, callbacks: list | None = None, progress: bool = Tr
     )
 
 
+def mean_or_nan(values) -> float:
+    """Mean of a list of per-step losses as a float; NaN for an empty list (no steps, no warning)."""
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
+class BestWeights:
+    """LightningModule mixin: per-epoch history and the weights of the best validation value.
+
+    The practice of HINGE (Supp. A.6: the epoch with the best validation MSE is
+    kept) and FLAG (the weights with the best validation MSE of generated
+    expression), shared by every training module here and in
+    :mod:`stgen.models` (Stem, STFlow, ST-Net, BLEEP, HiFusion). Put it before
+    ``L.LightningModule`` in the bases; it adds the attributes
+
+    * ``best_val`` - lowest validation value so far (``inf`` before the first;
+      NaN never counts as lower, so a run without validation keeps ``inf``);
+    * ``best_epoch``, ``best_step`` - ``current_epoch`` and ``global_step`` when
+      it was reached (-1 before);
+    * ``best_state`` - detached clones of the network's ``state_dict()`` at
+      that moment (``None`` before), reloaded by :meth:`restore_best`;
+    * ``history`` - one dict per epoch (``{"epoch": ..., **row}``), written
+      to run.json as ``training.history``.
+
+    :meth:`record_validation` logs the value (the metric that early-stopping
+    callbacks monitor), adds it to the epoch's history row and snapshots the
+    weights when it improves; :meth:`record_epoch` adds values without one.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.best_val, self.best_state, self.best_epoch, self.best_step = math.inf, None, -1, -1
+        self.history: list[dict] = []
+
+    def record_epoch(self, **row) -> None:
+        """Add ``row`` to this epoch's history entry: merged into it when the epoch has one (validation and
+        training end hooks may each add values), else appended as ``{"epoch": current_epoch, **row}``."""
+        if self.history and self.history[-1]["epoch"] == self.current_epoch:
+            self.history[-1].update(row)
+        else:
+            self.history.append({"epoch": self.current_epoch, **row})
+
+    def record_validation(self, value: float, net: torch.nn.Module, metric: str = "val_mse", log: bool = True,
+                          exclude: frozenset | set = frozenset(), **row) -> bool:
+        """Record this epoch's validation ``value``; returns whether it is the best so far.
+
+        Logs ``metric`` (progress bar; ``batch_size=1``, which is what Lightning
+        uses in epoch-end hooks anyway) unless ``log`` is False, records
+        ``{**row, metric: value}`` (:meth:`record_epoch`) and, when ``value <
+        best_val``, keeps clones of ``net.state_dict()`` without the keys in
+        ``exclude`` (e.g. a frozen backbone) as ``best_state``.
+        """
+        if log:
+            self.log(metric, value, prog_bar=True, batch_size=1)
+        self.record_epoch(**row, **{metric: value})
+        if not value < self.best_val:  # NaN (no validation data) never improves
+            return False
+        self.best_val, self.best_epoch, self.best_step = value, self.current_epoch, self.global_step
+        self.best_state = {k: v.detach().clone() for k, v in net.state_dict().items() if k not in exclude}
+        return True
+
+    def restore_best(self, net: torch.nn.Module) -> None:
+        """Load ``best_state`` into ``net`` (keys it leaves out keep their values); no-op without one."""
+        if self.best_state is not None:
+            net.load_state_dict({**net.state_dict(), **self.best_state})
+
+
 # --------------------------------------------------------------------- pre-training
 class BackbonePretrainModule(L.LightningModule):
     """Masked auto-encoding of an :class:`ExpressionBackbone` on spots (B, G_vocab)."""
@@ -155,7 +224,7 @@ class WarmupEarlyStopping(EarlyStopping):
 MASK_RATIOS = ("schedule", "uniform")
 
 
-class HingeModule(L.LightningModule):
+class HingeModule(BestWeights, L.LightningModule):
     """Masked-diffusion training of a :class:`HINGE` denoiser with curriculum.
 
     The objective follows ``model.config.objective`` (``mask`` | ``gauss``); for
@@ -175,10 +244,6 @@ class HingeModule(L.LightningModule):
         if self.gauss is not None:
             self.t_max_curriculum = self.gauss.max_t_for_noise(cfg.curriculum_max_ratio)
         self._frozen = model.frozen_state_keys()
-        self.best_val = math.inf
-        self.best_state: dict | None = None
-        self.best_epoch = -1
-        self.history: list[dict] = []
         self._val_sq = self._val_n = 0.0
         self._train_losses: list[float] = []
 
@@ -233,13 +298,8 @@ class HingeModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         val = self._val_sq / max(self._val_n, 1.0)
-        self.log("val_mse", val, prog_bar=True)
-        train = float(np.mean(self._train_losses)) if self._train_losses else float("nan")
+        self.record_validation(val, self.model, exclude=self._frozen, train_loss=mean_or_nan(self._train_losses))
         self._train_losses = []
-        self.history.append({"epoch": self.current_epoch, "train_loss": train, "val_mse": val})
-        if val < self.best_val:
-            self.best_val, self.best_epoch = val, self.current_epoch
-            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items() if k not in self._frozen}
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.model.trainable_parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
@@ -284,8 +344,7 @@ def train_hinge(
     stopper = WarmupEarlyStopping(cfg.es_warmup, monitor="val_mse", mode="min", patience=cfg.patience)
     trainer = _trainer(cfg.max_epochs, callbacks=[stopper], progress=progress, precision=cfg.precision)
     trainer.fit(module, train_dl, val_dl)
-    if module.best_state is not None:
-        model.load_state_dict({**model.state_dict(), **module.best_state})
+    module.restore_best(model)
     model.eval()
     return {
         "epochs_run": trainer.current_epoch,
@@ -334,7 +393,7 @@ class FlagCrops(torch.utils.data.Dataset):
                 "loss_mask": s["train_mask"][idx]}
 
 
-class FlagModule(L.LightningModule):
+class FlagModule(BestWeights, L.LightningModule):
     """FLAG training: ``loss = DSM + align_weight * alignment`` on one crop per step.
 
     All spots of a crop share one noise level ``sigma`` (log-uniform): the
@@ -354,8 +413,6 @@ class FlagModule(L.LightningModule):
             raise InputError(f"flag.align_weight must be >= 0, got {cfg.align_weight}")
         self.model, self.cfg = model, cfg
         self.align = model.has_alignment and cfg.align_weight > 0
-        self.best_val, self.best_state, self.best_epoch, self.best_step = math.inf, None, -1, -1
-        self.history: list[dict] = []
         self._dsm: list[float] = []
         self._align: list[float] = []
         self._val_sq = self._val_n = 0.0
@@ -389,14 +446,9 @@ class FlagModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         val = self._val_sq / max(self._val_n, 1.0)
-        self.log("val_mse", val, prog_bar=True, batch_size=1)
-        mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
-        self.history.append({"epoch": self.current_epoch, "step": self.global_step, "train_dsm": mean(self._dsm),
-                             "train_align": mean(self._align), "val_mse": val})
+        self.record_validation(val, self.model, step=self.global_step, train_dsm=mean_or_nan(self._dsm),
+                               train_align=mean_or_nan(self._align))
         self._dsm, self._align = [], []
-        if val < self.best_val:
-            self.best_val, self.best_epoch, self.best_step = val, self.current_epoch, self.global_step
-            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -457,8 +509,7 @@ def train_flag(
     module = FlagModule(model, cfg)
     trainer = _trainer(rounds, progress=progress, precision=cfg.precision, gradient_clip_val=cfg.grad_clip)
     trainer.fit(module, train_dl, DataLoader(val, batch_size=None) if val else None)
-    if module.best_state is not None:
-        model.load_state_dict(module.best_state)
+    module.restore_best(model)
     model.eval()
     n_train = int(len(f_tr))
     return {

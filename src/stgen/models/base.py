@@ -139,11 +139,13 @@ class SpotModel(ABC):
         """``(mean, sd)``, (N, G) float32 each, target units. ``samples``/``steps`` default to the config's."""
 
 
-def check_training_sections(train: list[SectionInput], panel: list[str], model: str) -> int:
+def check_training_sections(train: list[SectionInput], panel: list[str], model: str, feats: bool = True) -> int:
     """Validate training sections for ``model``; returns the feature width ``F``.
 
-    Every section needs ``targets`` (N_s, G = len(panel)), the same ``F`` and
-    finite features/targets; InputError names the section and the problem.
+    Every section needs spots, ``targets`` (N_s, G = len(panel)) and finite
+    targets; with ``feats`` (models that read ``section.feats``) also the same
+    ``F`` and finite features (``feats=False``, e.g. ST-Net, which reads image
+    patches: not checked, returns -1). InputError names the section and the problem.
     """
     if not train:
         raise InputError(f"{model} needs at least one training section, got none")
@@ -153,17 +155,19 @@ def check_training_sections(train: list[SectionInput], panel: list[str], model: 
     for s in train:
         if s.n_spots < 1:
             raise InputError(f"{model}: training section {s.name} has no spots")
-        if s.feats.ndim != 2 or s.feats.shape[1] != f or f < 1:
+        if feats and (s.feats.ndim != 2 or s.feats.shape[1] != f or f < 1):
             raise InputError(f"{model}: training section {s.name} has features of shape {s.feats.shape}, "
                              f"expected (N, {f}) like section {train[0].name}")
         if s.targets is None:
             raise InputError(f"{model}: training section {s.name} has no targets")
         if s.targets.shape[1] != g:
-            raise InputError(f"{model}: training section {s.name} has targets with {s.targets.shape[1]} genes, "
-                             f"but the panel has {g}")
-        if not np.isfinite(s.feats).all() or not np.isfinite(s.targets).all():
-            raise InputError(f"{model}: training section {s.name} has NaN or infinite features or targets")
-    return int(f)
+            raise InputError(f"{model}: training section {s.name} has {s.targets.shape[1]} target genes (targets "
+                             f"of shape {s.targets.shape}), but the panel has {g}")
+        if feats and not np.isfinite(s.feats).all():
+            raise InputError(f"{model}: training section {s.name} has NaN or infinite features")
+        if not np.isfinite(s.targets).all():
+            raise InputError(f"{model}: training section {s.name} has NaN or infinite targets")
+    return int(f) if feats else -1
 
 
 def check_predict_section(section: SectionInput, feat_dim: int, model: str) -> None:

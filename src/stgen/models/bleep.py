@@ -60,7 +60,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..config import coerce_numbers
 from ..errors import InputError
-from .base import FeatureSettings, SectionInput, SpotModel
+from ..train import BestWeights, _trainer, mean_or_nan, split_validation
+from .base import FeatureSettings, SectionInput, SpotModel, check_training_sections
 from .hinge import floored_std
 
 __all__ = ["BLEEPConfig", "ProjectionHead", "BLEEPNet", "bleep_loss", "BLEEP"]
@@ -178,14 +179,12 @@ class BLEEPNet(nn.Module):
         return self.expr_proj((y - self.target_mean) / self.target_sd)
 
 
-class _BLEEPModule(L.LightningModule):
+class _BLEEPModule(BestWeights, L.LightningModule):
     """Lightning wrapper: contrastive training, best-validation-loss weights kept."""
 
     def __init__(self, net: BLEEPNet, cfg: BLEEPConfig) -> None:
         super().__init__()
         self.net, self.cfg = net, cfg
-        self.best_val, self.best_epoch, self.best_state = math.inf, -1, None
-        self.history: list[dict] = []
         self._train: list[float] = []
         self._val: list[tuple[float, int]] = []
 
@@ -207,35 +206,17 @@ class _BLEEPModule(L.LightningModule):
             val = sum(v * n for v, n in self._val) / sum(n for _, n in self._val)
         else:
             val = math.nan
-        self.history.append({"epoch": self.current_epoch, "train_loss": float(np.mean(self._train)),
-                             "val_loss": val})
+        self.record_validation(val, self.net, metric="val_loss", log=False, train_loss=mean_or_nan(self._train))
         self._train, self._val = [], []
-        if not math.isnan(val) and val < self.best_val:
-            self.best_val, self.best_epoch = val, self.current_epoch
-            self.best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.net.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
 
 def _check_train(train: list[SectionInput], panel: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    if not train:
-        raise InputError("bleep needs at least one training section")
-    g = len(panel)
-    feat_dim = train[0].feats.shape[1]
-    for s in train:
-        if s.targets is None:
-            raise InputError(f"bleep: training section {s.name} has no targets")
-        if s.targets.shape[1] != g:
-            raise InputError(f"bleep: training section {s.name} has {s.targets.shape[1]} target genes, "
-                             f"the panel has {g}")
-        if s.feats.shape[1] != feat_dim:
-            raise InputError(f"bleep: training section {s.name} has {s.feats.shape[1]}-d features, "
-                             f"section {train[0].name} has {feat_dim}-d")
+    check_training_sections(train, panel, "bleep")
     feats = np.concatenate([s.feats for s in train])
     targets = np.concatenate([s.targets for s in train])
-    if not (np.isfinite(feats).all() and np.isfinite(targets).all()):
-        raise InputError("bleep: training features or targets contain NaN or infinite values")
     if len(feats) < 2:
         raise InputError(f"bleep needs at least 2 training spots, got {len(feats)}")
     return feats, targets
@@ -270,8 +251,6 @@ class BLEEP(SpotModel):
         ``train[i].feats`` (N_i, F) and ``targets`` (N_i, G = len(panel)).
         Returns ``(model, history)`` with per-epoch train/validation losses.
         """
-        from ..train import _trainer, split_validation
-
         feats, targets = _check_train(train, panel)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         n = len(feats)
@@ -288,8 +267,7 @@ class BLEEP(SpotModel):
         module = _BLEEPModule(net, cfg)
         trainer = _trainer(cfg.max_epochs, progress=progress, precision=cfg.precision)
         trainer.fit(module, train_dl, val_dl)
-        if module.best_state is not None:
-            net.load_state_dict(module.best_state)
+        module.restore_best(net)
         net = net.cpu().eval()
         with torch.no_grad():
             ref_emb = net.embed_expr(y)

@@ -83,7 +83,6 @@ by the run's encoder; targets in the run's units (log2(count + 1) by default).
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -96,7 +95,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..errors import InputError
-from .base import FeatureSettings, SectionInput, SpotModel
+from ..train import BestWeights, WarmupEarlyStopping, _trainer, split_validation
+from .base import FeatureSettings, SectionInput, SpotModel, check_training_sections
 from .flag import GEGLU
 from .hinge import floored_std
 
@@ -420,7 +420,7 @@ def hifusion_objective(out: dict[str, torch.Tensor], y: torch.Tensor, scale_weig
 
 
 # --------------------------------------------------------------------------- training
-class HiFusionModule(L.LightningModule):
+class HiFusionModule(BestWeights, L.LightningModule):
     """Lightning training of :class:`HiFusionNet` with :func:`hifusion_objective`.
 
     Batches are ``(tokens (B, T, F), region (B, F), y (B, G) standardised)``.
@@ -431,8 +431,6 @@ class HiFusionModule(L.LightningModule):
     def __init__(self, net: HiFusionNet, cfg: HiFusionConfig) -> None:
         super().__init__()
         self.net, self.cfg = net, cfg
-        self.best_val, self.best_state, self.best_epoch = math.inf, None, -1
-        self.history: list[dict] = []
         self._parts: dict[str, list[float]] = {}
         self._val_sq = self._val_n = 0.0
 
@@ -445,15 +443,8 @@ class HiFusionModule(L.LightningModule):
         return parts["loss"]
 
     def on_train_epoch_end(self) -> None:
-        self._record({f"train_{k}": float(np.mean(v)) for k, v in self._parts.items()})
+        self.record_epoch(**{f"train_{k}": float(np.mean(v)) for k, v in self._parts.items()})
         self._parts = {}
-
-    def _record(self, row: dict) -> None:
-        """Merge ``row`` into this epoch's history entry (validation and training end in either order)."""
-        if self.history and self.history[-1]["epoch"] == self.current_epoch:
-            self.history[-1].update(row)
-        else:
-            self.history.append({"epoch": self.current_epoch, **row})
 
     def on_validation_epoch_start(self) -> None:
         self._val_sq, self._val_n = 0.0, 0.0
@@ -465,12 +456,7 @@ class HiFusionModule(L.LightningModule):
         self._val_n += y.numel()
 
     def on_validation_epoch_end(self) -> None:
-        val = self._val_sq / max(self._val_n, 1.0)
-        self.log("val_mse", val, prog_bar=True)
-        self._record({"val_mse": val})
-        if val < self.best_val:
-            self.best_val, self.best_epoch = val, self.current_epoch
-            self.best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        self.record_validation(self._val_sq / max(self._val_n, 1.0), self.net)
 
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.net.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
@@ -504,17 +490,10 @@ class HiFusion(SpotModel):
         Raises InputError for no sections, missing or misshapen targets, a
         section without image, or feats not from the run's encoder.
         """
-        from ..train import WarmupEarlyStopping, _trainer, split_validation
-
-        if not train:
-            raise InputError("hifusion needs at least one training section")
-        g = len(panel)
+        check_training_sections(train, panel, "hifusion")
         for s in train:
-            if s.targets is None or s.targets.shape[1] != g:
-                got = None if s.targets is None else s.targets.shape
-                raise InputError(f"hifusion: training section {s.name} needs targets (N, {g}) for the "
-                                 f"{g}-gene panel, got {got}")
             s.require_image("hifusion")
+        g = len(panel)
         t0 = time.perf_counter()
         tok, reg = zip(*(_stack_tokens(multiscale_features(s, features, cfg), cfg.grids) for s in train))
         feat_seconds = time.perf_counter() - t0
@@ -554,8 +533,7 @@ class HiFusion(SpotModel):
                 warnings.filterwarnings("ignore", message=".*but have no .val_dataloader.")
                 trainer.fit(module, train_dl, val_dl)
         train_seconds = time.perf_counter() - t1
-        if module.best_state is not None:
-            net.load_state_dict(module.best_state)
+        module.restore_best(net)
         net.eval()
         model = cls(net, panel, cfg, features.encoder, features.patch_px, tokens.shape[-1])
         history = {

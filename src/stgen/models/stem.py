@@ -72,7 +72,7 @@ from tqdm.auto import tqdm
 from ..config import coerce_numbers
 from ..errors import InputError
 from ..gaussian import ddim_sample, q_sample
-from ..train import _trainer, split_validation
+from ..train import BestWeights, _trainer, mean_or_nan, split_validation
 from .base import (FeatureSettings, SectionInput, SpotModel, check_predict_section, check_training_sections,
                    resolve_count)
 from .flag import DiTBlock, FinalLayer, _zero_linear
@@ -327,7 +327,7 @@ def stem_sample(net: StemNet, feats: torch.Tensor, schedule: LinearSchedule, ste
 
 
 # ------------------------------------------------------------------ training
-class StemModule(L.LightningModule):
+class StemModule(BestWeights, L.LightningModule):
     """DDPM training of a :class:`StemNet` (eq. 14 simple loss) with best-validation weights.
 
     Training batches are ``(feats (B, F), x0 (B, G) z-scores)``; ``t ~ U{1..T}``
@@ -340,8 +340,6 @@ class StemModule(L.LightningModule):
         super().__init__()
         self.net, self.cfg = net, cfg
         self.schedule = LinearSchedule(cfg.T, cfg.beta_start, cfg.beta_end)
-        self.best_val, self.best_state, self.best_step, self.best_epoch = math.inf, None, -1, -1
-        self.history: list[dict] = []
         self._losses: list[float] = []
         self._val_sq = self._val_n = 0.0
 
@@ -370,19 +368,12 @@ class StemModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         val = self._val_sq / max(self._val_n, 1.0)
-        self.log("val_mse", val, prog_bar=True)
-        train = float(np.mean(self._losses)) if self._losses else float("nan")
+        self.record_validation(val, self.net, step=self.global_step, train_loss=mean_or_nan(self._losses))
         self._losses = []
-        self.history.append({"epoch": self.current_epoch, "step": self.global_step, "train_loss": train,
-                             "val_mse": val})
-        if val < self.best_val:
-            self.best_val, self.best_step, self.best_epoch = val, self.global_step, self.current_epoch
-            self.best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
 
     def on_train_epoch_end(self) -> None:
         if self.trainer.val_dataloaders is None:  # no validation spots: record the training loss only
-            self.history.append({"epoch": self.current_epoch, "step": self.global_step,
-                                 "train_loss": float(np.mean(self._losses)) if self._losses else float("nan")})
+            self.record_epoch(step=self.global_step, train_loss=mean_or_nan(self._losses))
             self._losses = []
 
     def configure_optimizers(self):
@@ -429,8 +420,7 @@ class Stem(SpotModel):
         module = StemModule(net, cfg)
         trainer = _trainer(rounds, progress=progress, gradient_clip_val=cfg.grad_clip or None)
         trainer.fit(module, train_dl, val_dl)
-        if module.best_state is not None:
-            net.load_state_dict(module.best_state)
+        module.restore_best(net)
         model = cls(net, cfg, panel)
         return model, {
             "steps_run": int(trainer.global_step),

@@ -83,7 +83,7 @@ from tqdm.auto import tqdm
 from ..config import coerce_numbers
 from ..errors import InputError
 from ..graph import SpotGraph, build_spot_graph
-from ..train import FlagCrops, _trainer, split_validation
+from ..train import BestWeights, FlagCrops, _trainer, mean_or_nan, split_validation
 from .base import (FeatureSettings, SectionInput, SpotModel, check_predict_section, check_training_sections,
                    resolve_count)
 from .flag import GEGLU, EdgeBiasedGraphAttention
@@ -324,7 +324,7 @@ def flow_sample(net: STFlowNet, feats: torch.Tensor, graph: SpotGraph, steps: in
 
 
 # ------------------------------------------------------------------ training
-class STFlowModule(L.LightningModule):
+class STFlowModule(BestWeights, L.LightningModule):
     """Flow-matching training on crops (:class:`stgen.train.FlagCrops` items) with best-validation weights.
 
     Loss: ``mean over training spots of the crop || f(x_t, t) - x_1 ||^2`` with
@@ -338,8 +338,6 @@ class STFlowModule(L.LightningModule):
         super().__init__()
         self.net, self.cfg = net, cfg
         self.prior_rng = np.random.default_rng(cfg.seed + 1)
-        self.best_val, self.best_state, self.best_step, self.best_epoch = math.inf, None, -1, -1
-        self.history: list[dict] = []
         self._losses: list[float] = []
         self._val_sq = self._val_n = 0.0
 
@@ -369,19 +367,12 @@ class STFlowModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         val = self._val_sq / max(self._val_n, 1.0)
-        self.log("val_mse", val, prog_bar=True, batch_size=1)
-        self.history.append({"epoch": self.current_epoch, "step": self.global_step,
-                             "train_loss": float(np.mean(self._losses)) if self._losses else float("nan"),
-                             "val_mse": val})
+        self.record_validation(val, self.net, step=self.global_step, train_loss=mean_or_nan(self._losses))
         self._losses = []
-        if val < self.best_val:
-            self.best_val, self.best_step, self.best_epoch = val, self.global_step, self.current_epoch
-            self.best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
 
     def on_train_epoch_end(self) -> None:
-        if self.trainer.val_dataloaders is None:
-            self.history.append({"epoch": self.current_epoch, "step": self.global_step,
-                                 "train_loss": float(np.mean(self._losses)) if self._losses else float("nan")})
+        if self.trainer.val_dataloaders is None:  # no validation spots: record the training loss only
+            self.record_epoch(step=self.global_step, train_loss=mean_or_nan(self._losses))
             self._losses = []
 
     def configure_optimizers(self):
@@ -435,8 +426,7 @@ class STFlow(SpotModel):
         module = STFlowModule(net, cfg)
         trainer = _trainer(rounds, progress=progress, gradient_clip_val=cfg.grad_clip or None)
         trainer.fit(module, train_dl, DataLoader(val, batch_size=None) if val else None)
-        if module.best_state is not None:
-            net.load_state_dict(module.best_state)
+        module.restore_best(net)
         n_train = int(sum(int(p["train_mask"].sum()) for p in prepared))
         return cls(net, cfg, panel), {
             "steps_run": int(trainer.global_step),

@@ -64,7 +64,8 @@ from ..config import coerce_numbers
 from ..errors import InputError
 from ..features import IMAGENET_MEAN, IMAGENET_STD
 from ..patches import extract_patches, open_image
-from .base import FeatureSettings, SectionInput, SpotModel
+from ..train import BestWeights, _trainer, mean_or_nan, split_validation
+from .base import FeatureSettings, SectionInput, SpotModel, check_training_sections
 from .hinge import floored_std
 
 __all__ = ["STNetConfig", "TinyCNN", "EfficientNetTrunk", "STNetNet", "build_trunk", "load_patches",
@@ -310,14 +311,12 @@ class _Patches(Dataset):
         return x.contiguous(), self.y[i]
 
 
-class _STNetModule(L.LightningModule):
+class _STNetModule(BestWeights, L.LightningModule):
     """Lightning wrapper: MSE on standardised targets, best-validation weights kept."""
 
     def __init__(self, net: STNetNet, cfg: STNetConfig) -> None:
         super().__init__()
         self.net, self.cfg = net, cfg
-        self.best_val, self.best_epoch, self.best_state = math.inf, -1, None
-        self.history: list[dict] = []
         self._train: list[float] = []
         self._val_sq, self._val_n = 0.0, 0
 
@@ -335,12 +334,8 @@ class _STNetModule(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         val = self._val_sq / self._val_n if self._val_n else math.nan
-        self.history.append({"epoch": self.current_epoch, "train_loss": float(np.mean(self._train)),
-                             "val_mse": val})
+        self.record_validation(val, self.net, log=False, train_loss=mean_or_nan(self._train))
         self._train, self._val_sq, self._val_n = [], 0.0, 0
-        if not math.isnan(val) and val < self.best_val:
-            self.best_val, self.best_epoch = val, self.current_epoch
-            self.best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
 
     def configure_optimizers(self):
         trunk = [p for p in self.net.trunk.parameters() if p.requires_grad]
@@ -377,20 +372,10 @@ class STNet(SpotModel):
 
         Each section needs ``image`` (read here) and ``targets`` (N_i, G = len(panel)).
         """
-        from ..train import _trainer, split_validation
-
-        if not train:
-            raise InputError("stnet needs at least one training section")
-        g = len(panel)
+        check_training_sections(train, panel, "stnet", feats=False)
         for s in train:
-            if s.targets is None:
-                raise InputError(f"stnet: training section {s.name} has no targets")
-            if s.targets.shape[1] != g:
-                raise InputError(f"stnet: training section {s.name} has {s.targets.shape[1]} target genes, "
-                                 f"the panel has {g}")
-            if not np.isfinite(s.targets).all():
-                raise InputError(f"stnet: training section {s.name} targets contain NaN or infinite values")
             s.require_image("stnet")
+        g = len(panel)
         patch_px = int(cfg.patch_px or features.patch_px)
         patches = torch.cat([load_patches(s, patch_px, cfg.input_px) for s in train])
         y = torch.as_tensor(np.concatenate([s.targets for s in train]))
@@ -413,8 +398,7 @@ class STNet(SpotModel):
         module = _STNetModule(net, cfg)
         trainer = _trainer(cfg.max_epochs, progress=progress, precision=cfg.precision)
         trainer.fit(module, train_dl, val_dl)
-        if module.best_state is not None:
-            net.load_state_dict(module.best_state)
+        module.restore_best(net)
         net = net.cpu().eval()
         model = cls(net, panel, cfg.encoder_arch, patch_px, cfg.input_px, cfg)
         history = {"epochs_run": trainer.current_epoch, "best_epoch": module.best_epoch,
