@@ -1,4 +1,4 @@
-"""Tiny synthetic sections for the benchmark-model tests (stgen.models.base.SectionInput).
+"""Tiny synthetic sections for the benchmark-model tests (stgen.models.base.SectionInput), and checks they share.
 
 Each section is a square grid of spots on a small RGB image whose local colour
 drives the expression, so a model that reads the image (features or patches)
@@ -7,12 +7,15 @@ can learn it: ``targets = relu(colour @ W + noise)`` in log2-like units.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
-from stgen.models.base import FeatureSettings, SectionInput
+from stgen.models.base import FeatureSettings, SectionInput, SpotModel
 
 SPACING = 16  # px between spot centres
 PATCH = 16  # spot patch side, px
@@ -44,3 +47,41 @@ def synthetic_sections(tmp_path: Path, n_sections: int = 3, side: int = 6, n_gen
         feats = fs.encode(path, xy)
         sections.append(SectionInput(f"S{s}", xy, feats, path, targets.astype(np.float32)))
     return sections, fs, [f"G{i}" for i in range(n_genes)]
+
+
+# ------------------------------------------------------------------ shared checks of the SpotModel tests
+def fit_one_thread(cls: type[SpotModel], train: list[SectionInput], panel: list[str], cfg, features: FeatureSettings):
+    """``cls.fit(..., progress=False)`` on one intra-op thread, for module-scoped fixtures (``one_thread`` is
+    function-scoped); the thread count is restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return cls.fit(train, panel, cfg, features, progress=False)
+    finally:
+        torch.set_num_threads(n)
+
+
+def assert_same_state(a: SpotModel, b: SpotModel) -> dict[str, torch.Tensor]:
+    """Assert that ``a.state()`` and ``b.state()`` hold the same tensors (names and values); returns ``a``'s."""
+    ta, tb = a.state()[0], b.state()[0]
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+    return ta
+
+
+def assert_seed_fixes_samples(model: SpotModel, section: SectionInput, features: FeatureSettings) -> None:
+    """A sampled model: the same ``seed`` gives the same ``(mean, sd)``, another seed another mean."""
+    p1, p2 = model.predict(section, features, seed=5), model.predict(section, features, seed=5)
+    assert np.array_equal(p1[0], p2[0]) and np.array_equal(p1[1], p2[1])
+    assert not np.array_equal(p1[0], model.predict(section, features, seed=6)[0])
+
+
+def save_and_load(model: SpotModel, cfg, tmp_path: Path, name: str = "model") -> SpotModel:
+    """``model`` written as the pipeline does (tensors to ``<name>.safetensors``, meta to ``<name>.json``) and
+    rebuilt with ``from_state(tensors, meta, cfg)``."""
+    tensors, meta = model.state()
+    save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+    (tmp_path / f"{name}.json").write_text(json.dumps(meta))
+    return type(model).from_state(load_file(str(tmp_path / f"{name}.safetensors")),
+                                  json.loads((tmp_path / f"{name}.json").read_text()), cfg)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from model_fixtures import synthetic_sections
-from safetensors.torch import load_file, save_file
+from model_fixtures import assert_same_state, fit_one_thread, save_and_load, synthetic_sections
 
 from stgen.errors import InputError
 from stgen.models.base import SectionInput
@@ -29,12 +28,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fitted(data):
     sections, fs, panel = data
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return BLEEP.fit(sections[:3], panel, _cfg(), fs, progress=False)
-    finally:
-        torch.set_num_threads(n)
+    return fit_one_thread(BLEEP, sections[:3], panel, _cfg(), fs)
 
 
 def test_loss_matches_definition():
@@ -99,11 +93,7 @@ def test_determinism(data):
     sections, fs, panel = data
     cfg = _cfg(max_epochs=5)
     a, _ = BLEEP.fit(sections[:2], panel, cfg, fs, progress=False)
-    b, _ = BLEEP.fit(sections[:2], panel, cfg, fs, progress=False)
-    ta, tb = a.state()[0], b.state()[0]
-    assert ta.keys() == tb.keys()
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
+    ta = assert_same_state(a, BLEEP.fit(sections[:2], panel, cfg, fs, progress=False)[0])
     p1, _ = a.predict(sections[3], fs, seed=0)
     p2, _ = a.predict(sections[3], fs, seed=0)
     np.testing.assert_array_equal(p1, p2)
@@ -114,9 +104,7 @@ def test_determinism(data):
 def test_safetensors_round_trip(fitted, data, tmp_path):
     model, _ = fitted
     sections, fs, _ = data
-    tensors, meta = model.state()
-    save_file(tensors, str(tmp_path / "model.safetensors"))
-    loaded = BLEEP.from_state(load_file(str(tmp_path / "model.safetensors")), meta, _cfg())
+    loaded = save_and_load(model, _cfg(), tmp_path)
     np.testing.assert_array_equal(loaded.predict(sections[3], fs)[0], model.predict(sections[3], fs)[0])
     assert loaded.panel == model.panel
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from model_fixtures import synthetic_sections
+from model_fixtures import assert_same_state, save_and_load, synthetic_sections
 from PIL import Image
-from safetensors.torch import load_file, save_file
 
 from stgen.errors import InputError
 from stgen.features import RGBStatsEncoder
@@ -124,9 +121,7 @@ def test_determinism(tmp_path, one_thread):
     a, _ = HiFusion.fit(sections[:2], panel, _cfg(), fs, progress=False)
     b, _ = HiFusion.fit(sections[:2], panel, _cfg(), fs, progress=False)
     c, _ = HiFusion.fit(sections[:2], panel, _cfg(seed=7), fs, progress=False)
-    ta, tb, tc = a.state()[0], b.state()[0], c.state()[0]
-    assert ta.keys() == tb.keys()
-    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    ta, tc = assert_same_state(a, b), c.state()[0]
     assert not all(torch.equal(ta[k], tc[k]) for k in ta)
     p1, _ = a.predict(sections[2], fs, seed=0)
     p2, _ = a.predict(sections[2], fs, seed=5)
@@ -137,13 +132,11 @@ def test_determinism(tmp_path, one_thread):
 def test_safetensors_round_trip(tmp_path, one_thread):
     sections, fs, panel = synthetic_sections(tmp_path, n_sections=3)
     model, _ = HiFusion.fit(sections[:2], panel, _cfg(max_epochs=3, d_model=24, key_tokens="all"), fs, progress=False)
-    tensors, meta = model.state()
-    save_file(tensors, str(tmp_path / "model.safetensors"))
-    meta = json.loads(json.dumps(meta))
     # the architecture comes from meta, even if the config passed in differs
-    loaded = HiFusion.from_state(load_file(str(tmp_path / "model.safetensors")), meta, HiFusionConfig())
+    loaded = save_and_load(model, HiFusionConfig(), tmp_path)
     assert loaded.cfg.d_model == 24 and loaded.panel == panel
     np.testing.assert_array_equal(loaded.predict(sections[2], fs)[0], model.predict(sections[2], fs)[0])
+    tensors, meta = model.state()
     tensors.pop("head.1.weight")
     with pytest.raises(InputError, match="saved state"):
         HiFusion.from_state(tensors, meta, HiFusionConfig())

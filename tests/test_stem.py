@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from model_fixtures import synthetic_sections
-from safetensors.torch import load_file, save_file
+from model_fixtures import (assert_same_state, assert_seed_fixes_samples, fit_one_thread, save_and_load,
+                            synthetic_sections)
 
 from stgen.errors import InputError
 from stgen.gaussian import ddim_sample, q_sample
@@ -33,12 +33,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fitted(data):
     train, _, fs, panel = data
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return Stem.fit(train, panel, TINY, fs, progress=False)
-    finally:
-        torch.set_num_threads(n)
+    return fit_one_thread(Stem, train, panel, TINY, fs)
 
 
 def _gauss_oracle(m: torch.Tensor, s: torch.Tensor, schedule: LinearSchedule):
@@ -128,30 +123,22 @@ def test_default_full_ancestral_chain(data, fitted):
 def test_determinism_and_seeds(data, fitted):
     train, test, fs, panel = data
     cfg = replace(TINY, max_steps=40, val_every=20)
-    a, _ = Stem.fit(train, panel, cfg, fs, progress=False)
-    b, _ = Stem.fit(train, panel, cfg, fs, progress=False)
-    ta, tb = a.state()[0], b.state()[0]
-    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    ta = assert_same_state(Stem.fit(train, panel, cfg, fs, progress=False)[0],
+                           Stem.fit(train, panel, cfg, fs, progress=False)[0])
     c, _ = Stem.fit(train, panel, replace(cfg, seed=4), fs, progress=False)
     assert not torch.equal(ta["token_in.weight"], c.state()[0]["token_in.weight"])
-    model, _ = fitted
-    p1, p2 = model.predict(test, fs, seed=5), model.predict(test, fs, seed=5)
-    assert np.array_equal(p1[0], p2[0]) and np.array_equal(p1[1], p2[1])
-    assert not np.array_equal(p1[0], model.predict(test, fs, seed=6)[0])
+    assert_seed_fixes_samples(fitted[0], test, fs)
 
 
 def test_safetensors_round_trip(data, fitted, tmp_path):
     _, test, fs, _ = data
     model, _ = fitted
-    tensors, meta = model.state()
-    save_file(tensors, str(tmp_path / "model.safetensors"))
-    (tmp_path / "run.json").write_text(json.dumps(meta))
-    loaded = Stem.from_state(load_file(str(tmp_path / "model.safetensors")),
-                             json.loads((tmp_path / "run.json").read_text()), TINY)
+    loaded = save_and_load(model, TINY, tmp_path)
     for steps in (50, 1000):
         a = model.predict(test, fs, samples=2, steps=steps, seed=1)
         b = loaded.predict(test, fs, samples=2, steps=steps, seed=1)
         assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    tensors, meta = model.state()
     bad = dict(tensors)
     bad.pop("pos")
     with pytest.raises(InputError, match="saved state"):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from model_fixtures import synthetic_sections
-from safetensors.torch import load_file, save_file
+from model_fixtures import (assert_same_state, assert_seed_fixes_samples, fit_one_thread, save_and_load,
+                            synthetic_sections)
 
 from stgen.errors import InputError
 from stgen.models.base import SectionInput
@@ -32,12 +32,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fitted(data):
     train, _, fs, panel = data
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return STFlow.fit(train, panel, TINY, fs, progress=False)
-    finally:
-        torch.set_num_threads(n)
+    return fit_one_thread(STFlow, train, panel, TINY, fs)
 
 
 # ---------------------------------------------------------------- prior and graph
@@ -124,28 +119,20 @@ def test_predictions_are_invariant_to_rotating_and_scaling_the_section(data, fit
 def test_determinism_and_seeds(data, fitted):
     train, test, fs, panel = data
     cfg = replace(TINY, max_steps=30, val_every=15)
-    a, _ = STFlow.fit(train, panel, cfg, fs, progress=False)
-    b, _ = STFlow.fit(train, panel, cfg, fs, progress=False)
-    ta, tb = a.state()[0], b.state()[0]
-    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    ta = assert_same_state(STFlow.fit(train, panel, cfg, fs, progress=False)[0],
+                           STFlow.fit(train, panel, cfg, fs, progress=False)[0])
     c, _ = STFlow.fit(train, panel, replace(cfg, seed=4), fs, progress=False)
     assert not torch.equal(ta["out.weight"], c.state()[0]["out.weight"])
-    model, _ = fitted
-    p1, p2 = model.predict(test, fs, seed=5), model.predict(test, fs, seed=5)
-    assert np.array_equal(p1[0], p2[0]) and np.array_equal(p1[1], p2[1])
-    assert not np.array_equal(p1[0], model.predict(test, fs, seed=6)[0])
+    assert_seed_fixes_samples(fitted[0], test, fs)
 
 
 def test_safetensors_round_trip(data, fitted, tmp_path):
     _, test, fs, _ = data
     model, _ = fitted
-    tensors, meta = model.state()
-    save_file(tensors, str(tmp_path / "model.safetensors"))
-    (tmp_path / "run.json").write_text(json.dumps(meta))
-    loaded = STFlow.from_state(load_file(str(tmp_path / "model.safetensors")),
-                               json.loads((tmp_path / "run.json").read_text()), TINY)
+    loaded = save_and_load(model, TINY, tmp_path)
     a, b = model.predict(test, fs, seed=1), loaded.predict(test, fs, seed=1)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    tensors, meta = model.state()
     bad = dict(tensors)
     bad.pop("prior_pi")
     with pytest.raises(InputError, match="saved state"):

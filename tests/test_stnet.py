@@ -6,8 +6,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from model_fixtures import synthetic_sections
-from safetensors.torch import load_file, save_file
+from model_fixtures import assert_same_state, fit_one_thread, save_and_load, synthetic_sections
 
 from stgen.errors import InputError
 from stgen.models.base import SectionInput
@@ -41,12 +40,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fitted(data):
     sections, fs, panel = data
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return STNet.fit(sections[:3], panel, _cfg(max_epochs=25), fs, progress=False)
-    finally:
-        torch.set_num_threads(n)
+    return fit_one_thread(STNet, sections[:3], panel, _cfg(max_epochs=25), fs)
 
 
 def test_shapes_and_dtypes(fitted, data):
@@ -75,11 +69,7 @@ def test_training_lowers_loss_and_learns(fitted, data):
 def test_determinism(data):
     sections, fs, panel = data
     a, _ = STNet.fit(sections[:2], panel, _cfg(), fs, progress=False)
-    b, _ = STNet.fit(sections[:2], panel, _cfg(), fs, progress=False)
-    ta, tb = a.state()[0], b.state()[0]
-    assert ta.keys() == tb.keys()
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
+    ta = assert_same_state(a, STNet.fit(sections[:2], panel, _cfg(), fs, progress=False)[0])
     np.testing.assert_array_equal(a.predict(sections[3], fs, seed=0)[0], a.predict(sections[3], fs, seed=1)[0])
     c, _ = STNet.fit(sections[:2], panel, _cfg(seed=6), fs, progress=False)
     assert not torch.equal(c.state()[0]["net.head.weight"], ta["net.head.weight"])
@@ -97,9 +87,7 @@ def test_frozen_blocks_do_not_train(data):
 def test_safetensors_round_trip(fitted, data, tmp_path):
     model, _ = fitted
     sections, fs, _ = data
-    tensors, meta = model.state()
-    save_file(tensors, str(tmp_path / "model.safetensors"))
-    loaded = STNet.from_state(load_file(str(tmp_path / "model.safetensors")), meta, _cfg())
+    loaded = save_and_load(model, _cfg(), tmp_path)
     np.testing.assert_array_equal(loaded.predict(sections[3], fs)[0], model.predict(sections[3], fs)[0])
 
 
@@ -166,8 +154,6 @@ def test_efficientnet_path_builds_loads_weights_and_predicts(data, tmp_path):
         h = (x.float() / 255 - net.pix_mean) / net.pix_sd
         torch.testing.assert_close(trunk(h), trunk.net.extract_features(h))
     # state -> safetensors -> from_state rebuilds without the weight file
-    tensors, meta = model.state()
-    assert "net.trunk.net._fc.weight" not in tensors
-    save_file(tensors, str(tmp_path / "eff.safetensors"))
-    loaded = STNet.from_state(load_file(str(tmp_path / "eff.safetensors")), meta, STNetConfig())
+    assert "net.trunk.net._fc.weight" not in model.state()[0]
+    loaded = save_and_load(model, STNetConfig(), tmp_path, "eff")
     np.testing.assert_array_equal(loaded.predict(tiny, fs)[0], mean)
