@@ -137,9 +137,8 @@ def benchmark(out: Path = typer.Option(..., "--out", help="REPORT_DIR"),
     from .benchmark import run_benchmark
 
     cfg = _run(StgenConfig.load, config)
-    ms = models
     secs = [s.strip() for s in sections.split(",")] if sections else None
-    _run(run_benchmark, _data(data), out, ms, cfg, sections=secs, cache_dir=cache, progress=not quiet, seeds=seeds)
+    _run(run_benchmark, _data(data), out, models, cfg, sections=secs, cache_dir=cache, progress=not quiet, seeds=seeds)
     typer.echo(f"report -> {out / 'report.md'}")
 
 

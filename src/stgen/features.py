@@ -4,8 +4,9 @@ An encoder maps a float batch ``(B, 3, H, W)`` with values in [0, 1] to
 ``(B, dim)`` features; it resizes to its ``input_size`` and applies its own
 ``mean``/``std`` normalisation. Encoders whose ``any_size`` is True (the
 convolutional ones) also take ``size=S`` to resize to ``S`` px instead, so a
-small patch can be encoded at its native resolution (HiFusion's sub-patches). The default, EfficientNet-Lite0 with ImageNet
-weights, yields 1280-d globally average-pooled features.
+small patch can be encoded at its native resolution (HiFusion's sub-patches).
+The default, EfficientNet-Lite0 with ImageNet weights, yields 1280-d globally
+average-pooled features.
 """
 
 from __future__ import annotations

@@ -35,7 +35,6 @@ from .data.her2st import find_image, list_sections, read_counts, read_section, r
 from .data.panel import load_vocabulary, select_hmhvg
 from .data.targets import transform_counts
 from .errors import InputError
-from .features import extract_features
 from .graph import build_spot_graph
 from .io import atomic_dir, atomic_path, sha256_file, sha256_json, write_json
 from .masking import MaskSchedule
@@ -73,24 +72,18 @@ def default_data_dir() -> Path:
     raise InputError("no Her2ST data found: pass --data DIR (a folder with ST-cnts/, ST-spotfiles/, ST-imgs/)")
 
 
-_check_model = check_model
-
-
 # ------------------------------------------------------------------ features
 def section_features(adata: ad.AnnData, cfg: StgenConfig, cache_dir: Path, progress: bool = True) -> np.ndarray:
     """Histology features (N, F) of a section's spots (cached on disk)."""
     path = adata.uns["stgen"].get("image_path")
     if not path:
         raise InputError(f"section {adata.uns['stgen'].get('section')} has no H&E image")
-    f = cfg.features
-    return extract_features(
-        path, adata.obsm["spatial"], patch_px=f.patch_px, encoder=f.encoder, tta=f.tta,
-        batch_size=f.batch_size, cache_dir=cache_dir, show_progress=progress,
-    )
+    return feature_settings(cfg, cache_dir, progress).encode(path, adata.obsm["spatial"])
 
 
 def feature_settings(cfg: StgenConfig, cache_dir: str | Path | None, progress: bool = False) -> FeatureSettings:
-    """The run's encoder settings (config section ``features``) for the :class:`SpotModel` benchmark models."""
+    """The run's encoder settings (config section ``features``) and feature cache: every spot-patch
+    encoding (fit, predict) and the benchmark models' extra patches go through its ``encode``."""
     f = cfg.features
     return FeatureSettings(encoder=f.encoder, patch_px=f.patch_px, tta=f.tta, batch_size=f.batch_size,
                            cache_dir=Path(cache_dir) if cache_dir is not None else None, progress=progress)
@@ -222,7 +215,7 @@ def fit(
     Returns the run metadata (also in ``out/run.json``). Raises InputError for
     an unknown section or model, missing images, or an empty gene panel.
     """
-    _check_model(model)
+    check_model(model)
     cfg = cfg or StgenConfig()
     data_dir, cache_dir = Path(data_dir), Path(cache_dir or default_cache_dir())
     t_start = time.time()
@@ -463,9 +456,7 @@ def predict(
     if outside.any():
         raise InputError(f"{spots}: {int(outside.sum())} spot(s) lie outside the image {image} ({w} x {h} px), "
                          f"e.g. {spots_df.index[outside][:3].tolist()}")
-    f = run.cfg.features
-    feats = extract_features(image, xy, patch_px=f.patch_px, encoder=f.encoder, tta=f.tta, batch_size=f.batch_size,
-                             cache_dir=Path(cache_dir or default_cache_dir()), show_progress=progress)
+    feats = feature_settings(run.cfg, run.cache_dir, progress).encode(image, xy)
     mean, std = run.predict(feats, samples=samples, steps=steps, seed=seed, progress=progress,
                             batch_size=batch_size, device=device, precision=precision, xy=xy, image=image)
     is_gen = run.meta["model"] in GENERATIVE
