@@ -37,13 +37,16 @@ def coerce_numbers(cfg: object, section: str) -> None:
 
     A field whose default is a float becomes ``float``; one whose default is an
     int must hold a whole number and becomes ``int``; InputError (a
-    ValueError) naming ``section.field`` otherwise. Bools are left alone.
+    ValueError) naming ``section.field`` otherwise (a bool is not a number
+    here). Fields with a bool default are left alone.
     """
     for f in fields(cfg):
         v, d = getattr(cfg, f.name), f.default
         if v is None or isinstance(d, bool) or not isinstance(d, (int, float)):
             continue
         try:
+            if isinstance(v, bool):  # YAML true/false in a numeric field is a mistake, not 1/0
+                raise TypeError
             x = float(v)
         except (TypeError, ValueError):
             raise InputError(f"{section}.{f.name} must be a number, got {v!r}") from None
@@ -54,6 +57,20 @@ def coerce_numbers(cfg: object, section: str) -> None:
                 raise InputError(f"{section}.{f.name} must be a whole number, got {v!r}")
             x = int(x)
         setattr(cfg, f.name, x)
+
+
+
+def check_ranges(cfg: object, section: str, *, at_least_1: tuple[str, ...] = (), at_least_0: tuple[str, ...] = (),
+                 positive: tuple[str, ...] = (), fraction: tuple[str, ...] = ()) -> None:
+    """InputError naming ``section.field`` for the first field out of its range: ``at_least_1`` >= 1,
+    ``at_least_0`` >= 0, ``positive`` > 0, ``fraction`` in [0, 1) (NaN is out of every range).
+    Used by the config dataclasses' ``__post_init__`` after :func:`coerce_numbers`."""
+    for names, ok, rule in ((at_least_1, lambda v: v >= 1, ">= 1"), (at_least_0, lambda v: v >= 0, ">= 0"),
+                            (positive, lambda v: v > 0, "> 0"), (fraction, lambda v: 0 <= v < 1, "in [0, 1)")):
+        for name in names:
+            v = getattr(cfg, name)
+            if not ok(v):
+                raise InputError(f"{section}.{name} must be {rule}, got {v!r}")
 
 
 @dataclass

@@ -3,6 +3,8 @@
 * :class:`BestWeights` - the per-epoch history and best-validation weights
   of every training module (HINGE, FLAG and the benchmark models in
   :mod:`stgen.models`).
+  :class:`SampledValidationMSE` adds the training-loss and validation-MSE
+  bookkeeping of the models validated by sampling (Stem, STFlow).
 * :func:`pretrain_backbone` - masked auto-encoding of the expression backbone
   (CellFM's pre-training objective): gene subsets drawn with probability
   proportional to mean expression (plus a floor), a random mask ratio
@@ -148,6 +150,49 @@ class BestWeights:
         """Load ``best_state`` into ``net`` (keys it leaves out keep their values); no-op without one."""
         if self.best_state is not None:
             net.load_state_dict({**net.state_dict(), **self.best_state})
+
+
+class SampledValidationMSE(BestWeights):
+    """:class:`BestWeights` plus the bookkeeping of a generative model validated by sampling (Stem, STFlow).
+
+    The module defines ``net`` (the trained network), ``cfg`` (with ``lr`` and
+    ``weight_decay``), ``loss``/``training_step`` (calling :meth:`add_train_loss`)
+    and ``validation_step`` (generating expression and calling
+    :meth:`add_validation_error` with it and the truth, both in target units).
+    Each epoch records ``{"step", "train_loss", "val_mse"}``, ``val_mse`` being
+    the mean squared error over all validation entries; without validation data
+    ``{"step", "train_loss"}``. The optimiser is AdamW on ``net``'s parameters.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._losses: list[float] = []
+        self._val_sq = self._val_n = 0.0
+
+    def add_train_loss(self, loss: torch.Tensor) -> None:
+        """Keep one step's loss for the epoch's ``train_loss``."""
+        self._losses.append(float(loss.detach()))
+
+    def add_validation_error(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Accumulate the squared error of generated ``pred`` against ``target`` (same shape, target units)."""
+        self._val_sq += float(((pred - target) ** 2).sum())
+        self._val_n += target.numel()
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sq, self._val_n = 0.0, 0.0
+
+    def on_validation_epoch_end(self) -> None:
+        val = self._val_sq / max(self._val_n, 1.0)
+        self.record_validation(val, self.net, step=self.global_step, train_loss=mean_or_nan(self._losses))
+        self._losses = []
+
+    def on_train_epoch_end(self) -> None:
+        if self.trainer.val_dataloaders is None:  # no validation spots: record the training loss only
+            self.record_epoch(step=self.global_step, train_loss=mean_or_nan(self._losses))
+            self._losses = []
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.net.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
 
 # --------------------------------------------------------------------- pre-training

@@ -58,7 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..config import coerce_numbers
+from ..config import check_ranges, coerce_numbers
 from ..errors import InputError
 from ..train import BestWeights, _trainer, mean_or_nan, split_validation
 from .base import FeatureSettings, SectionInput, SpotModel, check_training_sections
@@ -100,14 +100,8 @@ class BLEEPConfig:
 
     def __post_init__(self) -> None:
         coerce_numbers(self, "bleep")
-        for name in ("proj_dim", "batch_size", "max_epochs", "top_k"):
-            if getattr(self, name) < 1:
-                raise InputError(f"bleep.{name} must be >= 1, got {getattr(self, name)}")
-        if not self.temperature > 0:
-            raise InputError(f"bleep.temperature must be > 0, got {self.temperature}")
-        if not 0 <= self.dropout < 1 or not 0 <= self.val_fraction < 1:
-            raise InputError(f"bleep.dropout and bleep.val_fraction must be in [0, 1), "
-                             f"got {self.dropout}, {self.val_fraction}")
+        check_ranges(self, "bleep", at_least_1=("proj_dim", "batch_size", "max_epochs", "top_k"),
+                     positive=("temperature",), fraction=("dropout", "val_fraction"))
 
 
 class ProjectionHead(nn.Module):

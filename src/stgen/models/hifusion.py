@@ -94,6 +94,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from ..config import check_ranges, coerce_numbers
 from ..errors import InputError
 from ..train import BestWeights, WarmupEarlyStopping, _trainer, split_validation
 from .base import FeatureSettings, SectionInput, SpotModel, check_training_sections
@@ -180,28 +181,19 @@ class HiFusionConfig:
         self.grids = [int(k) for k in self.grids]
         if not self.grids or any(k < 2 for k in self.grids) or len(set(self.grids)) != len(self.grids):
             raise InputError(f"hifusion.grids must be a non-empty list of distinct integers >= 2, got {self.grids!r}")
-        if not self.region_scale > 0:
-            raise InputError(f"hifusion.region_scale must be > 0, got {self.region_scale!r}")
-        for name in ("d_model", "n_heads", "ff_mult", "batch_size", "predict_batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise InputError(f"hifusion.{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.n_layers < 0 or self.max_epochs < 0 or self.patience < 0:
-            raise InputError(f"hifusion.n_layers, max_epochs and patience must be >= 0, got "
-                             f"{self.n_layers}, {self.max_epochs}, {self.patience}")
+        coerce_numbers(self, "hifusion")  # YAML gives e.g. 1e-3 as a string
+        check_ranges(self, "hifusion",
+                     at_least_1=("d_model", "n_heads", "ff_mult", "batch_size", "predict_batch_size"),
+                     at_least_0=("n_layers", "max_epochs", "patience", "align_weight", "weight_decay", "grad_clip"),
+                     positive=("region_scale", "lr"), fraction=("dropout", "val_fraction"))
         if self.d_model % self.n_heads:
             raise InputError(f"hifusion.d_model {self.d_model} is not divisible by hifusion.n_heads {self.n_heads}")
-        if not 0 <= self.dropout < 1 or not 0 <= self.val_fraction < 1:
-            raise InputError(f"hifusion.dropout and hifusion.val_fraction must be in [0, 1), "
-                             f"got {self.dropout}, {self.val_fraction}")
         if self.key_tokens not in KEY_TOKENS:
             raise InputError(f"unknown hifusion.key_tokens {self.key_tokens!r}; choose one of {KEY_TOKENS}")
         if self.align_metric not in ALIGN_METRICS:
             raise InputError(f"unknown hifusion.align_metric {self.align_metric!r}; choose one of {ALIGN_METRICS}")
         if self.scale_weight is not None and not self.scale_weight >= 0:
             raise InputError(f"hifusion.scale_weight must be >= 0 or null, got {self.scale_weight!r}")
-        if not self.align_weight >= 0 or not self.lr > 0 or not self.weight_decay >= 0 or not self.grad_clip >= 0:
-            raise InputError(f"hifusion.align_weight, weight_decay, grad_clip must be >= 0 and lr > 0, got "
-                             f"{self.align_weight}, {self.weight_decay}, {self.grad_clip}, {self.lr}")
 
     @property
     def n_scales(self) -> int:

@@ -69,10 +69,10 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from tqdm.auto import tqdm
 
-from ..config import coerce_numbers
+from ..config import check_ranges, coerce_numbers
 from ..errors import InputError
 from ..gaussian import ddim_sample, q_sample
-from ..train import BestWeights, _trainer, mean_or_nan, split_validation
+from ..train import SampledValidationMSE, _trainer, split_validation
 from .base import (FeatureSettings, SectionInput, SpotModel, check_predict_section, check_training_sections,
                    resolve_count)
 from .flag import DiTBlock, FinalLayer, _zero_linear
@@ -122,12 +122,11 @@ class StemConfig:
     seed: int = 42
 
     def __post_init__(self) -> None:
-        coerce_numbers(self, "stem")  # YAML gives e.g. 1e-3 as a string
-        for name in ("dim", "layers", "heads", "genes_per_token", "T", "steps", "samples", "batch_size_predict",
-                     "batch_size", "max_steps", "val_every", "val_steps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise InputError(f"stem.{name} must be an integer >= 1, got {v!r}")
+        coerce_numbers(self, "stem")  # YAML gives e.g. 1e-3 as a string; integers are whole numbers after it
+        check_ranges(self, "stem", at_least_1=("dim", "layers", "heads", "genes_per_token", "T", "steps", "samples",
+                                               "batch_size_predict", "batch_size", "max_steps", "val_every",
+                                               "val_steps"),
+                     at_least_0=("clip_x0",), positive=("mlp_ratio", "lr"), fraction=("val_fraction", "dropout"))
         if self.dim % self.heads:
             raise InputError(f"stem.dim {self.dim} is not divisible by stem.heads {self.heads}")
         if not 0 < self.beta_start < self.beta_end < 1:
@@ -136,17 +135,11 @@ class StemConfig:
         if not self.steps <= self.T or not self.val_steps <= self.T:
             raise InputError(f"stem.steps ({self.steps}) and stem.val_steps ({self.val_steps}) must be <= stem.T "
                              f"({self.T})")
-        if not 0 <= self.val_fraction < 1 or not self.mlp_ratio > 0 or not 0 <= self.dropout < 1:
-            raise InputError(f"stem.val_fraction must be in [0, 1), stem.mlp_ratio > 0 and stem.dropout in [0, 1), "
-                             f"got {self.val_fraction}, {self.mlp_ratio}, {self.dropout}")
-        if not self.lr > 0 or self.clip_x0 < 0:
-            raise InputError(f"stem.lr must be > 0 and stem.clip_x0 >= 0, got {self.lr}, {self.clip_x0}")
 
 
 ARCH_FIELDS = ("dim", "layers", "heads", "mlp_ratio", "genes_per_token", "dropout", "T", "beta_start", "beta_end")
 
 
-# ------------------------------------------------------------------ shared input checks
 # ------------------------------------------------------------------ schedule
 @dataclass(frozen=True)
 class LinearSchedule:
@@ -327,7 +320,7 @@ def stem_sample(net: StemNet, feats: torch.Tensor, schedule: LinearSchedule, ste
 
 
 # ------------------------------------------------------------------ training
-class StemModule(BestWeights, L.LightningModule):
+class StemModule(SampledValidationMSE, L.LightningModule):
     """DDPM training of a :class:`StemNet` (eq. 14 simple loss) with best-validation weights.
 
     Training batches are ``(feats (B, F), x0 (B, G) z-scores)``; ``t ~ U{1..T}``
@@ -340,8 +333,6 @@ class StemModule(BestWeights, L.LightningModule):
         super().__init__()
         self.net, self.cfg = net, cfg
         self.schedule = LinearSchedule(cfg.T, cfg.beta_start, cfg.beta_end)
-        self._losses: list[float] = []
-        self._val_sq = self._val_n = 0.0
 
     def loss(self, feats: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """``mean || eps - eps_hat(x_t, t, v) ||^2`` for one batch (fresh ``t``, ``eps`` from the global RNG)."""
@@ -353,31 +344,17 @@ class StemModule(BestWeights, L.LightningModule):
     def training_step(self, batch, batch_idx):
         loss = self.loss(*batch)
         self.log("loss", loss, prog_bar=True, batch_size=batch[0].shape[0])
-        self._losses.append(float(loss.detach()))
+        self.add_train_loss(loss)
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        self._val_sq, self._val_n = 0.0, 0.0
+        super().on_validation_epoch_start()
         self._gen = torch.Generator().manual_seed(self.cfg.seed)
 
     def validation_step(self, batch, batch_idx):
         feats, y = batch
-        pred = stem_sample(self.net, feats, self.schedule, self.cfg.val_steps, 1, self._gen, self.cfg.clip_x0)[0]
-        self._val_sq += float(((pred - y) ** 2).sum())
-        self._val_n += y.numel()
-
-    def on_validation_epoch_end(self) -> None:
-        val = self._val_sq / max(self._val_n, 1.0)
-        self.record_validation(val, self.net, step=self.global_step, train_loss=mean_or_nan(self._losses))
-        self._losses = []
-
-    def on_train_epoch_end(self) -> None:
-        if self.trainer.val_dataloaders is None:  # no validation spots: record the training loss only
-            self.record_epoch(step=self.global_step, train_loss=mean_or_nan(self._losses))
-            self._losses = []
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.net.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.add_validation_error(stem_sample(self.net, feats, self.schedule, self.cfg.val_steps, 1, self._gen,
+                                              self.cfg.clip_x0)[0], y)
 
 
 # ------------------------------------------------------------------ SpotModel

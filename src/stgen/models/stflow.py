@@ -80,10 +80,10 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..config import coerce_numbers
+from ..config import check_ranges, coerce_numbers
 from ..errors import InputError
 from ..graph import SpotGraph, build_spot_graph
-from ..train import BestWeights, FlagCrops, _trainer, mean_or_nan, split_validation
+from ..train import FlagCrops, SampledValidationMSE, _trainer, split_validation
 from .base import (FeatureSettings, SectionInput, SpotModel, check_predict_section, check_training_sections,
                    resolve_count)
 from .flag import GEGLU, EdgeBiasedGraphAttention
@@ -129,22 +129,14 @@ class STFlowConfig:
     seed: int = 42
 
     def __post_init__(self) -> None:
-        coerce_numbers(self, "stflow")  # YAML gives e.g. 1e-3 as a string
-        for name in ("dim", "layers", "heads", "knn", "dist_basis", "steps", "samples", "crop_spots", "max_steps",
-                     "val_every"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise InputError(f"stflow.{name} must be an integer >= 1, got {v!r}")
+        coerce_numbers(self, "stflow")  # YAML gives e.g. 1e-3 as a string; integers are whole numbers after it
+        check_ranges(self, "stflow", at_least_1=("dim", "layers", "heads", "knn", "dist_basis", "steps", "samples",
+                                                 "crop_spots", "max_steps", "val_every"),
+                     positive=("dist_max", "mlp_ratio", "lr"), fraction=("dropout", "val_fraction"))
         if self.dim % self.heads:
             raise InputError(f"stflow.dim {self.dim} is not divisible by stflow.heads {self.heads}")
         if self.prior not in PRIORS:
             raise InputError(f"unknown stflow.prior {self.prior!r}; choose one of {PRIORS}")
-        if not self.dist_max > 0 or not self.mlp_ratio > 0 or not 0 <= self.dropout < 1:
-            raise InputError(f"stflow.dist_max and stflow.mlp_ratio must be > 0 and stflow.dropout in [0, 1), "
-                             f"got {self.dist_max}, {self.mlp_ratio}, {self.dropout}")
-        if not 0 <= self.val_fraction < 1 or not self.lr > 0:
-            raise InputError(f"stflow.val_fraction must be in [0, 1) and stflow.lr > 0, "
-                             f"got {self.val_fraction}, {self.lr}")
 
 
 ARCH_FIELDS = ("dim", "layers", "heads", "mlp_ratio", "dropout", "knn", "dist_basis", "dist_max", "prior")
@@ -324,7 +316,7 @@ def flow_sample(net: STFlowNet, feats: torch.Tensor, graph: SpotGraph, steps: in
 
 
 # ------------------------------------------------------------------ training
-class STFlowModule(BestWeights, L.LightningModule):
+class STFlowModule(SampledValidationMSE, L.LightningModule):
     """Flow-matching training on crops (:class:`stgen.train.FlagCrops` items) with best-validation weights.
 
     Loss: ``mean over training spots of the crop || f(x_t, t) - x_1 ||^2`` with
@@ -338,8 +330,6 @@ class STFlowModule(BestWeights, L.LightningModule):
         super().__init__()
         self.net, self.cfg = net, cfg
         self.prior_rng = np.random.default_rng(cfg.seed + 1)
-        self._losses: list[float] = []
-        self._val_sq = self._val_n = 0.0
 
     def loss(self, batch: dict) -> torch.Tensor:
         x1, mask = batch["x0"], batch["loss_mask"]
@@ -352,31 +342,17 @@ class STFlowModule(BestWeights, L.LightningModule):
     def training_step(self, batch, batch_idx):
         loss = self.loss(batch)
         self.log("loss", loss, prog_bar=True, batch_size=1)
-        self._losses.append(float(loss.detach()))
+        self.add_train_loss(loss)
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        self._val_sq, self._val_n = 0.0, 0.0
+        super().on_validation_epoch_start()
         self._val_rng = np.random.default_rng(self.cfg.seed + 2)
 
     def validation_step(self, batch, batch_idx):
         mean = flow_sample(self.net, batch["feats"], batch["graph"], self.cfg.steps, 1, self._val_rng)[0]
         m = batch["val_mask"]
-        self._val_sq += float(((mean[m] - batch["y"][m]) ** 2).sum())
-        self._val_n += float(m.sum()) * mean.shape[1]
-
-    def on_validation_epoch_end(self) -> None:
-        val = self._val_sq / max(self._val_n, 1.0)
-        self.record_validation(val, self.net, step=self.global_step, train_loss=mean_or_nan(self._losses))
-        self._losses = []
-
-    def on_train_epoch_end(self) -> None:
-        if self.trainer.val_dataloaders is None:  # no validation spots: record the training loss only
-            self.record_epoch(step=self.global_step, train_loss=mean_or_nan(self._losses))
-            self._losses = []
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.net.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.add_validation_error(mean[m], batch["y"][m])
 
 
 # ------------------------------------------------------------------ SpotModel

@@ -60,7 +60,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import coerce_numbers
+from ..config import check_ranges, coerce_numbers
 from ..errors import InputError
 from ..features import IMAGENET_MEAN, IMAGENET_STD
 from ..patches import extract_patches, open_image
@@ -119,17 +119,12 @@ class STNetConfig:
         coerce_numbers(self, "stnet")
         if self.encoder_arch not in ARCHS:
             raise InputError(f"unknown stnet.encoder_arch {self.encoder_arch!r}; choose one of {', '.join(ARCHS)}")
-        for name in ("input_px", "batch_size", "max_epochs", "predict_batch_size"):
-            if getattr(self, name) < 1:
-                raise InputError(f"stnet.{name} must be >= 1, got {getattr(self, name)}")
+        check_ranges(self, "stnet", at_least_1=("input_px", "batch_size", "max_epochs", "predict_batch_size"),
+                     at_least_0=("freeze_blocks",), fraction=("val_fraction",))
         if self.patch_px is not None:
             if int(self.patch_px) != self.patch_px or self.patch_px < 1:
                 raise InputError(f"stnet.patch_px must be a positive integer or null, got {self.patch_px!r}")
             self.patch_px = int(self.patch_px)
-        if self.freeze_blocks < 0:
-            raise InputError(f"stnet.freeze_blocks must be >= 0, got {self.freeze_blocks}")
-        if not 0 <= self.val_fraction < 1:
-            raise InputError(f"stnet.val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
 # ----------------------------------------------------------------------------- trunks
