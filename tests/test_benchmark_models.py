@@ -60,6 +60,11 @@ def test_model_sections_only_enter_their_own_config_hash():
         assert config_hash(other, m, "C2") != config_hash(base, m, "C2"), m
     # YAML reads 1e-3 as a string: numbers are coerced; a bad value names its key
     assert StgenConfig.from_dict({"stnet": {"lr": "1e-3"}}).stnet.lr == pytest.approx(1e-3)
+    assert StgenConfig.from_dict({"hifusion": {"lr": "1e-3"}}).hifusion.lr == pytest.approx(1e-3)
+    with pytest.raises(InputError, match="stem.dim must be a number"):
+        StgenConfig.from_dict({"stem": {"dim": True}})
+    with pytest.raises(InputError, match="hifusion.dropout must be in"):
+        StgenConfig.from_dict({"hifusion": {"dropout": 1.0}})
     with pytest.raises(InputError, match="stnet.max_epochs"):
         StgenConfig.from_dict({"stnet": {"max_epochs": "many"}})
     with pytest.raises(InputError, match="hifusion.nope"):
