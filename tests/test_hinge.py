@@ -125,7 +125,8 @@ def test_train_hinge_learns_histology_signal():
     hist = train_hinge(model, feats, y, cfg, sched, progress=False)
     after, std = model.generate(ft, sched, steps=3, n_samples=2, generator=torch.Generator().manual_seed(0))
     yt = torch.as_tensor(y)
-    assert ((after - yt) ** 2).mean() < 0.5 * ((before - yt) ** 2).mean()
+    # 0.45-0.51 over training seeds 0-3 and 42 (data order and corruption keyed on the seed, stgen.train)
+    assert ((after - yt) ** 2).mean() < 0.55 * ((before - yt) ** 2).mean()
     assert hist["best_epoch"] >= 0 and len(hist["history"]) == hist["epochs_run"]
     assert std.shape == after.shape and torch.all(std >= 0)
     # the frozen backbone did not move
@@ -144,3 +145,37 @@ def test_masked_kv_only_in_first_half_couples_all_masked_genes():
         a = bb(x, bb.gene_index(GENES[:6]), vis)[:, 0]
         b = bb(x, bb.gene_index([GENES[0], *GENES[10:15]]), vis)[:, 0]
         assert torch.allclose(a, b, atol=1e-6) != coupled
+
+
+def test_spot_keyed_sampling_does_not_depend_on_the_other_spots():
+    """With spot keys, a spot's samples are a function of (seed, its pixel position, its features): a bare-slide
+    grid point gets the same prediction as the same position in a spot file, whatever else is predicted."""
+    from stgen.masking import spot_keys
+
+    torch.manual_seed(0)
+    bb = ExpressionBackbone(GENES, CFG)
+    model = HINGE(bb, GENES[:12], feat_dim=10, T=20)
+    with torch.no_grad():
+        for m in model.mod_attn:
+            m.head.weight.normal_(std=0.2)
+    sched = MaskSchedule(12, T=20)
+    feats = torch.randn(10, 10, generator=torch.Generator().manual_seed(1))
+    xy = torch.rand(10, 2, generator=torch.Generator().manual_seed(2)).numpy() * 5000
+    sub = [7, 2, 5, 0]
+
+    def run(idx, keyed, batch_size):
+        return model.generate(feats[idx], sched, steps=4, n_samples=3, batch_size=batch_size,
+                              generator=torch.Generator().manual_seed(0),
+                              spot_keys=spot_keys(xy[idx]) if keyed else None)
+
+    full_mean, full_std = run(list(range(10)), True, 64)
+    part_mean, part_std = run(sub, True, 5)
+    torch.testing.assert_close(part_mean, full_mean[sub], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(part_std, full_std[sub], atol=1e-5, rtol=1e-5)
+    assert full_std.abs().max() > 1e-3  # the samples do differ: the orders matter
+    # without keys the orders are drawn batch-wise, so the same spots get other samples
+    assert not torch.allclose(run(sub, False, 5)[0], run(list(range(10)), False, 64)[0][sub], atol=1e-5)
+    # another seed gives other samples for the same keys
+    other = model.generate(feats[sub], sched, steps=4, n_samples=3, generator=torch.Generator().manual_seed(1),
+                           spot_keys=spot_keys(xy[sub]))[0]
+    assert not torch.allclose(other, part_mean, atol=1e-5)

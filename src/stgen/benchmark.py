@@ -87,7 +87,8 @@ def _fit_or_reuse(data_dir: Path, section: str, model: str, run_dir: Path, cfg: 
         meta = json.loads(meta_path.read_text())
         if meta.get("config_hash") == want:
             return meta
-    return fit(data_dir, section, run_dir, model=model, cfg=cfg, cache_dir=cache_dir, progress=progress)
+    # resume: a benchmark killed mid-fit continues that fit from its last checkpoint (same config hash only)
+    return fit(data_dir, section, run_dir, model=model, cfg=cfg, cache_dir=cache_dir, progress=progress, resume=True)
 
 
 def prediction_path(out: Path, model: str, section: str, seed: int = 0) -> Path:

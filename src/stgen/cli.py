@@ -23,7 +23,8 @@ from .errors import StgenError
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Spatial gene expression from H&E histology (HINGE on a frozen expression backbone, FLAG, ridge).")
 
-DataOpt = typer.Option(None, "--data", help="Her2ST folder (ST-cnts/, ST-spotfiles/, ST-imgs/); default: ../shared/data/her2st")
+DataOpt = typer.Option(None, "--data", help="data folder: Her2ST (ST-cnts/, ST-spotfiles/, ST-imgs/), HEST-1k, Space Ranger "
+                       "samples or <section>.h5ad files (see --format); default: ../shared/data/her2st")
 ConfigOpt = typer.Option(None, "--config", help="YAML file overriding defaults (see stgen.config)")
 CacheOpt = typer.Option(None, "--cache", help="feature/backbone cache folder (default $STGEN_CACHE or ./.stgen_cache)")
 QuietOpt = typer.Option(False, "--quiet", help="no progress bars")
@@ -65,14 +66,60 @@ def fit(test_section: str = typer.Option(..., "--test-section", help="held-out s
             "cellfm:PATH.safetensors (see `stgen convert cellfm`) | scgpt:MODEL_DIR (best_model.pt, args.json, "
             "vocab.json); overrides hinge.backbone of --config"),
         data: Optional[Path] = DataOpt, config: Optional[Path] = ConfigOpt, cache: Optional[Path] = CacheOpt,
-        quiet: bool = QuietOpt) -> None:
-    """Train on every imaged section except --test-section and write RUN_DIR."""
+        quiet: bool = QuietOpt,
+        data_format: Optional[str] = typer.Option(
+            None, "--format", help="layout of --data: her2st | hest (HEST-1k) | visium (Space Ranger outs/ folders) | "
+            "h5ad (<section>.h5ad + image); default: detected"),
+        encoder: Optional[str] = typer.Option(
+            None, "--encoder", help="patch encoder: efficientnet-lite0 | uni:PATH | conch:PATH | timm:ARCH:PATH | "
+            "torchscript:PATH, several joined by + (features concatenated); overrides features.encoder"),
+        resume: bool = typer.Option(False, "--resume", help="continue the unfinished fit in RUN_DIR.partial from its "
+                                    "last checkpoint (run the same command again with --resume)"),
+        accelerator: str = typer.Option("auto", "--accelerator",
+                                        help="Lightning accelerator: auto | cpu | gpu | cuda | mps"),
+        devices: str = typer.Option("1", "--devices", help="devices per node: a number, -1 or auto (all); > 1 "
+                                    "trains hinge/flag on several processes"),
+        strategy: str = typer.Option("auto", "--strategy", help="Lightning strategy: auto | ddp | ddp_spawn | ..."),
+        num_nodes: int = typer.Option(1, "--num-nodes", help="machines; start the same command on each (MASTER_ADDR, "
+                                      "MASTER_PORT, NODE_RANK) or under SLURM")) -> None:
+    """Train on every imaged section except --test-section and write RUN_DIR.
+
+    Checkpoints: an unfinished fit works in RUN_DIR.partial/ and checkpoints every
+    epoch (checkpoints/last.ckpt); RUN_DIR appears only when the fit is done.
+    After a crash, kill or SIGTERM (which stops after the current step with a
+    checkpoint; exit code 143) run the same command with --resume: HINGE and FLAG
+    end with the same weights as an uninterrupted fit. Without --resume a
+    RUN_DIR.partial that holds a checkpoint is refused (delete it to start over);
+    --resume with another config, model or test section is refused.
+
+    Several processes: --devices N --strategy ddp [--num-nodes M] trains hinge or
+    flag through Lightning DDP (HINGE: the global batch hinge.batch_size is split
+    over the processes, same result as one process up to rounding; FLAG: one
+    crop per process and step). Only global rank 0 writes.
+    """
     from .pipeline import fit as _fit
+    from .train import TrainingInterrupted, is_launch_zero
 
     cfg = _run(StgenConfig.load, config)
     if backbone is not None:
         cfg.hinge.backbone = backbone
-    meta = _run(_fit, _data(data), test_section, out, model=model, cfg=cfg, cache_dir=cache, progress=not quiet)
+    if encoder is not None:
+        cfg.features.encoder = encoder
+    try:
+        ndev: int | str = int(devices)
+    except ValueError:
+        ndev = devices  # auto, 0,1, or invalid (refused with a one-line error)
+    try:
+        meta = _fit(_data(data), test_section, out, model=model, cfg=cfg, cache_dir=cache, progress=not quiet,
+                    data_format=data_format, resume=resume, accelerator=accelerator, devices=ndev, strategy=strategy, num_nodes=num_nodes)
+    except TrainingInterrupted as e:
+        typer.echo(f"interrupted: {e}; continue with the same command and --resume", err=True)
+        raise typer.Exit(code=143) from None
+    except StgenError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(code=2) from None
+    if not is_launch_zero():
+        return
     tr = meta.get("training") or {}
     best = [f"{k.removeprefix('best_').replace('_', ' ')} {v:.4g}" for k, v in tr.items()
             if k.startswith("best_val") and isinstance(v, (int, float))]  # MSE, or BLEEP's contrastive loss
@@ -84,9 +131,23 @@ def fit(test_section: str = typer.Option(..., "--test-section", help="held-out s
 
 @app.command()
 def predict(model: Path = typer.Option(..., "--model", help="RUN_DIR written by `stgen fit`"),
-            image: Path = typer.Option(..., "--image", help="H&E image (full resolution)"),
-            spots: Path = typer.Option(..., "--spots", help="Her2ST *_selection.tsv or CSV barcode,pixel_x,pixel_y"),
-            out: Path = typer.Option(..., "--out", help="output .h5ad"),
+            image: Path = typer.Option(..., "--image", help="H&E slide: JPEG/PNG, (pyramidal) TIFF/OME-TIFF, or "
+                                       "SVS/NDPI/MRXS with OpenSlide; read lazily"),
+            spots: Optional[Path] = typer.Option(
+                None, "--spots", help="spot positions: Her2ST *_selection.tsv, CSV barcode,pixel_x,pixel_y, or .h5ad "
+                "with obsm['spatial'] (full-resolution px). Without it: bare slide - tissue is detected (Otsu) and "
+                "spots are laid on it at the training spot spacing (needs the slide's mpp or --mpp)"),
+            out: Path = typer.Option(..., "--out", help="output .h5ad (scanpy/squidpy-ready: uns['spatial'])"),
+            mpp: Optional[float] = typer.Option(None, "--mpp", help="microns per full-resolution pixel (overrides the "
+                                                "slide's metadata; needed for a bare JPEG)"),
+            grid_origin: Optional[str] = typer.Option(None, "--grid-origin", help="bare slide: X,Y full-resolution px "
+                                                      "of one grid spot (default: tissue's top-left corner)"),
+            min_tissue: float = typer.Option(0.5, "--min-tissue", help="bare slide: keep a grid spot when this share "
+                                             "of its disc is tissue"),
+            maps: Optional[Path] = typer.Option(None, "--maps", help="folder for PNG maps of --genes and of the "
+                                                "uncertainty over the slide thumbnail"),
+            genes: Optional[str] = typer.Option(None, "--genes", help="comma-separated genes for --maps (default: "
+                                                "the 4 most variable predictions)"),
             samples: Optional[int] = typer.Option(None, "--samples", help="samples averaged (default: the run's; HINGE 10, FLAG 10)"),
             steps: Optional[int] = typer.Option(None, "--steps", help="HINGE: unmasking steps K <= T (default 5); "
                                                 "FLAG: Heun steps (default 10)"),
@@ -95,12 +156,23 @@ def predict(model: Path = typer.Option(..., "--model", help="RUN_DIR written by 
             device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda when available)"),
             precision: Optional[str] = typer.Option(None, "--precision", help="32-true | bf16-mixed | 16-mixed (default: as trained)"),
             seed: int = typer.Option(0, "--seed"), cache: Optional[Path] = CacheOpt, quiet: bool = QuietOpt) -> None:
-    """Predict spot-level expression for an H&E image and write an AnnData (.h5ad)."""
+    """Predict spot-level expression for an H&E slide (at given spots, or on a bare slide) and write an AnnData."""
     from .pipeline import predict as _predict
 
+    origin = None
+    if grid_origin is not None:
+        try:
+            origin = tuple(float(v) for v in grid_origin.split(","))
+            assert len(origin) == 2
+        except (ValueError, AssertionError):
+            _run(_raise, f"--grid-origin must be X,Y in full-resolution pixels, got {grid_origin!r}")
+    gene_list = [g.strip() for g in genes.split(",") if g.strip()] if genes else None
     a = _run(_predict, model, image, spots, out, samples=samples, steps=steps, cache_dir=cache, seed=seed,
-             progress=not quiet, batch_size=batch_size, device=device, precision=precision)
-    typer.echo(f"predicted {a.n_obs} spots x {a.n_vars} genes ({a.uns['stgen']['units']}) -> {out}")
+             progress=not quiet, batch_size=batch_size, device=device, precision=precision, mpp=mpp,
+             grid_origin=origin, min_tissue=min_tissue, maps_dir=maps, genes=gene_list)
+    where = "grid spots on the detected tissue" if spots is None else "spots"
+    typer.echo(f"predicted {a.n_obs} {where} x {a.n_vars} genes ({a.uns['stgen']['units']}) -> {out}"
+               + (f"; maps -> {maps}" if maps else ""))
 
 
 @app.command()

@@ -86,8 +86,13 @@ class DataConfig:
 class FeatureConfig:
     """Histology patches and encoder."""
 
+    # spec: efficientnet-lite0 | uni:PATH | conch:PATH | timm:ARCH:PATH | torchscript:PATH, joined by '+' to
+    # concatenate features (e.g. uni:A+conch:B, 1536-d); see stgen.encoders
     encoder: str = "efficientnet-lite0"
-    patch_px: int = 224  # square patch side, full-resolution pixels (~200 um on Her2ST)
+    patch_px: int = 224  # square patch side, full-resolution pixels (~154 um on Her2ST at 0.688 um/px)
+    # patch side in microns: each section's patch is patch_um / mpp pixels (sections scanned at other
+    # resolutions); None = patch_px pixels everywhere (predict still converts by the slide's mpp)
+    patch_um: float | None = None
     tta: bool = False  # mean over the 8 flips/rot90
     batch_size: int = 32
 
@@ -272,9 +277,11 @@ class StgenConfig:
         if not p.is_file():
             raise InputError(f"config file {p} does not exist")
         try:
-            d = yaml.safe_load(p.read_text())
+            d = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"config file {p} cannot be read as UTF-8 text ({e})") from e
         except yaml.YAMLError as e:
-            raise InputError(f"config file {p} is not valid YAML: {e}") from e
+            raise InputError(f"config file {p} is not valid YAML: {' '.join(str(e).split())}") from e
         if d is not None and not isinstance(d, dict):
             raise InputError(f"config file {p} must contain a mapping")
         return cls.from_dict(d, source=str(p))

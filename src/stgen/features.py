@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from stgen.errors import InputError
 from stgen.io import atomic_path, sha256_file, sha256_json
-from stgen.patches import extract_patches, open_image
+from stgen.slide import open_slide
 
 __all__ = [
     "FEATURE_CODE_VERSION",
@@ -34,6 +34,7 @@ __all__ = [
     "register_encoder",
     "encoder_names",
     "build_encoder",
+    "encoder_dim",
     "dihedral_views",
     "extract_features",
     "feature_cache_path",
@@ -127,7 +128,9 @@ _REGISTRY: dict[str, _EncoderSpec] = {
     "efficientnet-lite0": _EncoderSpec(EfficientNetLite0Encoder, 1280),
     "rgb-stats": _EncoderSpec(RGBStatsEncoder, 6),
 }
-_BUILT: dict[tuple[str, str], PatchEncoder] = {}
+#: Built encoders: ``(name, device)`` for registered names, ``(spec, device, file stamps)`` for
+#: specs with weight files (a replaced file gets a new key; the stale entry is dropped).
+_BUILT: dict[tuple, PatchEncoder] = {}
 
 
 def register_encoder(name: str, factory: Callable[..., PatchEncoder], dim: int) -> None:
@@ -138,14 +141,59 @@ def register_encoder(name: str, factory: Callable[..., PatchEncoder], dim: int) 
 
 
 def encoder_names() -> list[str]:
-    """Names accepted by :func:`build_encoder`."""
+    """Registered fixed names accepted by :func:`build_encoder` (which also takes ``uni:PATH``,
+    ``conch:PATH``, ``timm:ARCH:PATH``, ``torchscript:PATH`` and ``+``-joined specs; see
+    :mod:`stgen.encoders`)."""
     return sorted(_REGISTRY)
 
 
+def _parts(spec: str):
+    from stgen.encoders import parse_encoder_spec
+
+    return parse_encoder_spec(spec, _REGISTRY)
+
+
+class _SpecFactory:
+    """``factory(device=...)`` of a spec that is not a single registered name."""
+
+    def __init__(self, spec: str, parts) -> None:
+        self.spec, self.parts = spec, parts
+        self.any_size = all(p.kind == "name" and getattr(_REGISTRY[p.text].factory, "any_size", False)
+                            for p in parts)
+
+    def __call__(self, device: str | None = None) -> PatchEncoder:
+        return build_encoder(self.spec, device=device)
+
+
 def _spec(name: str) -> _EncoderSpec:
-    if name not in _REGISTRY:
-        raise InputError(f"unknown encoder {name!r}; available: {', '.join(encoder_names())}")
-    return _REGISTRY[name]
+    """Factory and output size of an encoder spec (InputError listing the accepted forms if bad)."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    parts = _parts(name)
+    return _EncoderSpec(_SpecFactory(name, parts), encoder_dim(name))
+
+
+def encoder_dim(spec: str) -> int:
+    """Feature size of an encoder spec, without building registered or ``uni``/``conch``/``timm``
+    models (their size is read off the weight file's shapes); ``torchscript`` parts are built
+    (one dummy forward) on the default device and kept for reuse.
+
+    Raises
+    ------
+    InputError : bad spec (lists the accepted forms), missing or unreadable weights file.
+    """
+    if spec in _REGISTRY:
+        return _REGISTRY[spec].dim
+    from stgen.encoders import part_dim
+
+    total = 0
+    for part in _parts(spec):
+        if part.kind == "name":
+            total += _REGISTRY[part.text].dim
+        else:
+            d = part_dim(part)
+            total += d if d is not None else build_encoder(part.text).dim
+    return total
 
 
 def _default_device() -> str:
@@ -153,19 +201,38 @@ def _default_device() -> str:
 
 
 def build_encoder(name: str = "efficientnet-lite0", device: str | None = None) -> PatchEncoder:
-    """Build (or reuse, per process) the encoder ``name`` in eval mode on ``device``.
+    """Build (or reuse, per process) the encoder of spec ``name`` in eval mode on ``device``.
 
-    ``device`` defaults to CUDA when available, else CPU.
+    ``name`` is a registered name (:func:`encoder_names`), ``uni:PATH``, ``conch:PATH``,
+    ``timm:ARCH:PATH``, ``torchscript:PATH``, or several joined with ``+`` (features
+    concatenated in that order); see :mod:`stgen.encoders`. ``device`` defaults to CUDA when
+    available, else CPU. Built encoders are cached per (spec, device); a weights file that
+    changed on disk (mtime/size) is reloaded.
 
     Raises
     ------
-    InputError : unknown encoder name (lists the available ones).
+    InputError : unknown encoder or bad spec (lists the accepted forms), missing weights file,
+        or a weights file that is unreadable, unsafe to unpickle or of the wrong key layout.
     """
-    spec = _spec(name)
-    dev = device or _default_device()
-    key = (name, str(dev))
+    dev = str(device or _default_device())
+    if name in _REGISTRY:
+        key = (name, dev)
+        if key not in _BUILT:
+            _BUILT[key] = _REGISTRY[name].factory(device=dev)
+        return _BUILT[key]
+    from stgen.encoders import ConcatEncoder, build_part, file_stamp
+
+    parts = _parts(name)
+    if len(parts) == 1 and parts[0].kind == "name":  # a registered name written with spaces
+        return build_encoder(parts[0].text, dev)
+    key = (name, dev, tuple(file_stamp(p.path) for p in parts if p.path is not None))
     if key not in _BUILT:
-        _BUILT[key] = spec.factory(device=dev)
+        for stale in [k for k in _BUILT if k[:2] == (name, dev)]:
+            del _BUILT[stale]
+        if len(parts) == 1:
+            _BUILT[key] = build_part(parts[0], dev)
+        else:
+            _BUILT[key] = ConcatEncoder(name, [build_encoder(p.text, dev) for p in parts])
     return _BUILT[key]
 
 
@@ -220,6 +287,13 @@ def feature_cache_path(
     }
     if input_px is not None:  # only then, so that the keys of every cache written before it stay valid
         key["input_px"] = int(input_px)
+    if encoder not in _REGISTRY and (":" in encoder or "+" in encoder):
+        parts = _parts(encoder)
+        if any(p.path is not None for p in parts):  # weights files: key on their bytes, not their paths
+            from stgen.encoders import ENCODER_CODE_VERSION
+
+            key["encoder"] = "+".join(p.cache_token() for p in parts)
+            key["encoder_code"] = ENCODER_CODE_VERSION
     key = sha256_json(key)
     return Path(cache_dir) / "features" / f"{key}.npy"
 
@@ -254,10 +328,13 @@ def extract_features(
 
     Parameters
     ----------
-    image_path : full-resolution H&E image.
+    image_path : full-resolution H&E slide, any format :func:`stgen.slide.open_slide` reads
+        (JPEG/PNG decoded once; pyramidal TIFF/OME-TIFF and OpenSlide formats read tile by tile).
     centers_xy : (N, 2) spot centres ``(x=column, y=row)`` in full-resolution px.
     patch_px : patch side in full-resolution px (resized to the encoder input size).
-    encoder : registered encoder name (see :func:`encoder_names`).
+    encoder : encoder spec: a registered name (see :func:`encoder_names`), ``uni:PATH``,
+        ``conch:PATH``, ``timm:ARCH:PATH``, ``torchscript:PATH``, or several joined by ``+``
+        (features concatenated; :mod:`stgen.encoders`).
     tta : average features over the 8 dihedral transforms of each patch.
     batch_size : patches per encoder call.
     cache_dir : if given, features are cached in ``<cache_dir>/features/<key>.npy``
@@ -300,14 +377,15 @@ def extract_features(
         if cached is not None:
             return cached
 
-    image = np.asarray(open_image(image_path))  # decode once, (H, W, 3) uint8
     enc = build_encoder(encoder)
     kw = {} if input_px is None else {"size": int(input_px)}
     out = np.empty((n, spec.dim), dtype=np.float32)
     desc = f"features {image_path.parent.name}/{image_path.name}"
-    with torch.no_grad(), tqdm(total=n, desc=desc, unit="patch", disable=not show_progress) as bar:
+    # a JPEG/PNG is decoded once; a tiled TIFF / WSI is read lazily, only the tiles under the patches
+    with open_slide(image_path) as slide, torch.no_grad(), \
+            tqdm(total=n, desc=desc, unit="patch", disable=not show_progress) as bar:
         for s in range(0, n, int(batch_size)):
-            patches = extract_patches(image, c[s : s + batch_size], size_px=int(patch_px))
+            patches = slide.read_patches(c[s : s + batch_size], int(patch_px))
             x = torch.from_numpy(patches).permute(0, 3, 1, 2).float().div_(255.0)
             if tta:
                 f = torch.stack([enc(v.contiguous(), **kw) for v in dihedral_views(x)]).mean(0)

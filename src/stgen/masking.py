@@ -150,6 +150,7 @@ def sample_unmasking(
     device: torch.device | str = "cpu",
     on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     x0_first: torch.Tensor | None = None,
+    order_noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One reverse masked-diffusion run for ``n_spots`` spots.
 
@@ -163,6 +164,9 @@ def sample_unmasking(
     x0_first : optional (B, G) prediction of the first step (``t = T``, nothing
         visible) if already known: it depends on the spot only, not on the
         random order, so it can be shared by all samples of a spot.
+    order_noise : optional (B, G) uniform draws that fix the random reveal order
+        (genes revealed in increasing order of their draw) instead of drawing
+        them from ``generator``; :func:`spot_uniforms` makes them per spot.
 
     Returns
     -------
@@ -170,7 +174,10 @@ def sample_unmasking(
     """
     g = schedule.n_genes
     ts = reverse_timesteps(schedule.T, steps)
-    order = torch.rand(n_spots, g, generator=generator).argsort(dim=1)
+    if order_noise is not None and tuple(order_noise.shape) != (n_spots, g):
+        raise ValueError(f"order_noise must be ({n_spots}, {g}), got {tuple(order_noise.shape)}")
+    u = order_noise.cpu() if order_noise is not None else torch.rand(n_spots, g, generator=generator)
+    order = u.argsort(dim=1)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(g).expand_as(order)).to(device)  # inverse perm.
     x = torch.zeros(n_spots, g, device=device)
     visible = torch.zeros(n_spots, g, dtype=torch.bool, device=device)
@@ -182,3 +189,37 @@ def sample_unmasking(
         if on_step is not None:
             on_step(t_cur, x0_hat, visible)
     return x
+
+
+def spot_uniforms(keys: torch.Tensor, n_samples: int, n_genes: int, base_seed: int) -> torch.Tensor:
+    """Uniform draws ``(n_samples * N, G)`` (sample-major) that depend only on each spot's key.
+
+    Spot ``i``'s ``n_samples`` rows come from a generator seeded with
+    ``hash(base_seed, keys[i])``, so a spot's samples are the same whatever other
+    spots are sampled with it and in whatever order (a spot of a bare-slide grid
+    gets the same samples as the same position in a spot file).
+
+    Parameters
+    ----------
+    keys : (N,) int64 spot keys (e.g. from the rounded pixel position, :func:`spot_keys`).
+    n_samples, n_genes : samples per spot and genes.
+    base_seed : the sampling seed.
+    """
+    keys = torch.as_tensor(keys, dtype=torch.int64).cpu()
+    n = int(keys.shape[0])
+    out = torch.empty(n_samples, n, n_genes)
+    gen = torch.Generator()
+    mix = np.uint64(0x9E3779B97F4A7C15)
+    for i, k in enumerate(keys.tolist()):
+        with np.errstate(over="ignore"):
+            seed = (np.uint64(k & 0xFFFFFFFFFFFFFFFF) * mix) ^ np.uint64(int(base_seed) & 0xFFFFFFFFFFFFFFFF)
+        gen.manual_seed(int(seed) & 0x7FFFFFFFFFFFFFFF)
+        out[:, i] = torch.rand(n_samples, n_genes, generator=gen)
+    return out.reshape(n_samples * n, n_genes)
+
+
+def spot_keys(xy) -> torch.Tensor:
+    """(N,) int64 keys of spot positions: the pixel ``(floor(x + 0.5), floor(y + 0.5))`` a patch is cut at
+    (:func:`stgen.patches.extract_patches`), packed as ``x * 2**31 + y``."""
+    a = np.floor(np.asarray(xy, dtype=np.float64) + 0.5).astype(np.int64)
+    return torch.from_numpy(a[:, 0] * (1 << 31) + a[:, 1])

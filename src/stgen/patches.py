@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from stgen.errors import InputError
 
-__all__ = ["MAX_IMAGE_PIXELS", "PAD_VALUE", "open_image", "image_size", "extract_patches"]
+__all__ = ["MAX_IMAGE_PIXELS", "PAD_VALUE", "open_image", "image_size", "check_patch_args", "extract_patches"]
 
 #: Whole-slide-ish Her2ST images are ~9,300 x 9,900 = 92 Mpx, just above PIL's
 #: default limit. Allow up to 400 Mpx silently; PIL still refuses images over
@@ -82,6 +82,20 @@ def _as_array(image: Image.Image | np.ndarray) -> np.ndarray:
     return arr
 
 
+def check_patch_args(centers_xy, size_px) -> tuple[int, np.ndarray]:
+    """``(size, centres (N, 2) float64)`` of a patch request; InputError for a size that is not a positive
+    integer or centres that are not a finite (N, 2) array."""
+    size = int(size_px)
+    if size < 1 or size != size_px:
+        raise InputError(f"patch size must be a positive integer, got {size_px!r}")
+    c = np.asarray(centers_xy, dtype=np.float64)
+    if c.ndim != 2 or c.shape[1] != 2:
+        raise InputError(f"centres must have shape (N, 2), got {c.shape}")
+    if not np.isfinite(c).all():
+        raise InputError("centres contain non-finite coordinates")
+    return size, c
+
+
 def extract_patches(
     image: Image.Image | np.ndarray,
     centers_xy: np.ndarray,
@@ -104,14 +118,7 @@ def extract_patches(
     ------
     InputError : bad ``size_px``, centres not (N, 2) finite, or bad image array.
     """
-    size = int(size_px)
-    if size < 1 or size != size_px:
-        raise InputError(f"patch size must be a positive integer, got {size_px!r}")
-    c = np.asarray(centers_xy, dtype=np.float64)
-    if c.ndim != 2 or c.shape[1] != 2:
-        raise InputError(f"centres must have shape (N, 2), got {c.shape}")
-    if not np.isfinite(c).all():
-        raise InputError("centres contain non-finite coordinates")
+    size, c = check_patch_args(centers_xy, size_px)
     arr = _as_array(image)
     h, w = arr.shape[:2]
     n = len(c)

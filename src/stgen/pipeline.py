@@ -31,13 +31,14 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .config import StgenConfig
-from .data.her2st import find_image, list_sections, read_counts, read_section, read_spots
+from .data.her2st import find_image, read_counts, read_spots
+from .data.readers import Dataset, as_dataset, read_anndata
 from .data.panel import load_vocabulary, select_hmhvg
 from .data.targets import transform_counts
 from .errors import InputError
 from .graph import build_spot_graph
 from .io import atomic_dir, atomic_path, sha256_file, sha256_json, write_json
-from .masking import MaskSchedule
+from .masking import MaskSchedule, spot_keys
 from .metrics import align_prediction_to_truth, evaluate_section, prediction_coords
 from .models.backbone import BackboneConfig, ExpressionBackbone
 from .models.base import FeatureSettings, SectionInput
@@ -46,7 +47,6 @@ from .models.flag import FLAG, FlagConfig
 from .models.hinge import HINGE, HingeConfig
 from .models.registry import GENERATIVE, MODELS, SPOT_MODELS, check_model, spot_model
 from .models.ridge import RidgeBaseline
-from .patches import open_image
 from .train import pretrain_backbone, train_flag, train_hinge
 
 log = logging.getLogger(__name__)
@@ -73,12 +73,25 @@ def default_data_dir() -> Path:
 
 
 # ------------------------------------------------------------------ features
+def section_patch_px(cfg: StgenConfig, mpp: float | None, section: str = "section") -> int:
+    """Spot patch side in full-resolution pixels of a section scanned at ``mpp`` microns per pixel:
+    ``features.patch_um / mpp`` when ``patch_um`` is set, else ``features.patch_px``."""
+    um = cfg.features.patch_um
+    if um is None:
+        return int(cfg.features.patch_px)
+    if not mpp:
+        raise InputError(f"{section}: features.patch_um is set but the section's pixel size (mpp) is unknown")
+    return max(1, int(round(float(um) / float(mpp))))
+
+
 def section_features(adata: ad.AnnData, cfg: StgenConfig, cache_dir: Path, progress: bool = True) -> np.ndarray:
-    """Histology features (N, F) of a section's spots (cached on disk)."""
-    path = adata.uns["stgen"].get("image_path")
+    """Histology features (N, F) of a section's spots (cached on disk); patches of :func:`section_patch_px`."""
+    info = adata.uns["stgen"]
+    path = info.get("image_path")
     if not path:
-        raise InputError(f"section {adata.uns['stgen'].get('section')} has no H&E image")
-    return feature_settings(cfg, cache_dir, progress).encode(path, adata.obsm["spatial"])
+        raise InputError(f"section {info.get('section')} has no H&E image")
+    px = section_patch_px(cfg, info.get("mpp"), str(info.get("section")))
+    return feature_settings(cfg, cache_dir, progress).encode(path, adata.obsm["spatial"], patch_px=px)
 
 
 def feature_settings(cfg: StgenConfig, cache_dir: str | Path | None, progress: bool = False) -> FeatureSettings:
@@ -90,16 +103,21 @@ def feature_settings(cfg: StgenConfig, cache_dir: str | Path | None, progress: b
 
 
 # ------------------------------------------------------------------ backbone
-def _pretrain_corpus(data_dir: Path, cfg: StgenConfig, evaluated: Sequence[str]) -> list[str]:
+def _pretrain_corpus(ds: Dataset, cfg: StgenConfig, evaluated: Sequence[str]) -> list[str]:
     corpus = cfg.pretrain.corpus
     if corpus is None:
-        imaged = set(list_sections(data_dir, imaged_only=True))
-        corpus = [s for s in list_sections(data_dir) if s not in imaged and s not in evaluated]
+        imaged = set(ds.sections(imaged_only=True))
+        corpus = [s for s in ds.sections() if s not in imaged and s not in evaluated]
     leak = sorted(set(corpus) & set(evaluated))
     if leak:
         raise InputError(f"pre-training corpus contains evaluated section(s) {leak}: remove them from pretrain.corpus")
     if not corpus:
-        raise InputError(f"pre-training corpus is empty (data {data_dir})")
+        raise InputError(f"pre-training corpus is empty: {ds.root} ({ds.format}) has no expression-only section "
+                         f"outside the evaluated ones; list sections in pretrain.corpus, or give HINGE a released "
+                         f"backbone (--backbone cellfm:PATH | scgpt:DIR)")
+    unknown = [s for s in corpus if s not in ds]
+    if unknown:
+        raise InputError(f"pretrain.corpus names section(s) {unknown} that are not in {ds.root}")
     return sorted(corpus)
 
 
@@ -113,7 +131,8 @@ def get_backbone(
     The vocabulary is every gene of CellFM's ``gene_info.csv`` detected in the
     corpus (capped at the ``pretrain.n_genes`` of highest mean, if set).
     """
-    corpus = _pretrain_corpus(data_dir, cfg, evaluated)
+    ds = as_dataset(data_dir)
+    corpus = _pretrain_corpus(ds, cfg, evaluated)
     key = sha256_json({"format": BACKBONE_FORMAT, "corpus": corpus, "pretrain": cfg.pretrain.__dict__,
                        "transform": cfg.data.transform})[:16]
     bdir = cache_dir / "backbones" / key
@@ -124,7 +143,7 @@ def get_backbone(
         return bb.eval(), meta
     t0 = time.time()
     vocab = set(load_vocabulary())
-    adatas = [read_counts(data_dir / "ST-cnts" / f"{s}.tsv.gz") for s in corpus]
+    adatas = [ds.counts(s) for s in corpus]
     # a Her2ST table lists the genes detected in that section: absent genes are zero counts
     genes_all = sorted(set().union(*(a.var_names for a in adatas)) & vocab)
     if not genes_all:
@@ -188,17 +207,18 @@ def graph_builder(settings: dict):
 
 
 # ------------------------------------------------------------------ fit
-def _training_data(data_dir: Path, test_section: str, cfg: StgenConfig) -> tuple[dict, list[str]]:
-    imaged = list_sections(data_dir, imaged_only=True)
+def _training_data(data_dir: Path | Dataset, test_section: str, cfg: StgenConfig) -> tuple[dict, list[str]]:
+    ds = as_dataset(data_dir)
+    imaged = ds.sections(imaged_only=True)
     if test_section not in imaged:
-        raise InputError(f"unknown test section {test_section!r} in {data_dir}; sections with images: {imaged}")
+        raise InputError(f"unknown test section {test_section!r} in {ds.root}; sections with images: {imaged}")
     train = cfg.data.train_sections or [s for s in imaged if s != test_section]
     bad = [s for s in train if s not in imaged]
     if bad:
-        raise InputError(f"training section(s) {bad} have no image in {data_dir}; available: {imaged}")
+        raise InputError(f"training section(s) {bad} have no image in {ds.root}; available: {imaged}")
     if test_section in train:
         raise InputError(f"test section {test_section} is also listed as a training section")
-    return {s: read_section(data_dir, s, require_image=True) for s in train}, imaged
+    return {s: ds.read(s, require_image=True) for s in train}, imaged
 
 
 def fit(
@@ -209,15 +229,71 @@ def fit(
     cfg: StgenConfig | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    data_format: str | None = None,
+    resume: bool = False,
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    strategy: str = "auto",
+    num_nodes: int = 1,
 ) -> dict:
     """Train ``model`` on every imaged section except ``test_section``; write RUN_DIR ``out``.
 
+    ``data_dir`` is a data-set folder (Her2ST, HEST-1k, Space Ranger samples, ``<section>.h5ad`` files;
+    ``data_format`` names it, else it is detected: :func:`stgen.data.readers.open_dataset`) or a
+    :class:`~stgen.data.readers.Dataset`.
+
     Returns the run metadata (also in ``out/run.json``). Raises InputError for
     an unknown section or model, missing images, or an empty gene panel.
+
+    **Checkpoints and resuming.** An unfinished fit works in ``<out>.partial/``:
+    ``resume.json`` (config hash, model, test section), ``checkpoints/last.ckpt``
+    (every Lightning model: rewritten at the end of every epoch, and mid-epoch
+    when a SIGTERM stops HINGE or FLAG; ``last.json`` says which epoch/step) and
+    ``out/`` (the run being written). On success ``out/`` replaces RUN_DIR and
+    the ``.partial`` folder is deleted; a fit that fails or is killed keeps it
+    when it holds a checkpoint (else removes it, or the next fit does). Rules:
+
+    * without ``resume``, a ``.partial`` with a checkpoint is refused
+      (InputError: pass ``resume=True`` / ``--resume``, or delete it); one without
+      a checkpoint is removed and the fit starts over;
+    * with ``resume``, the ``.partial``'s config hash must be this fit's
+      (:func:`config_hash` of config, model, test section and stgen version;
+      InputError otherwise); training continues from ``last.ckpt``, or starts
+      over with a warning when there is none yet. Without a ``.partial``, a
+      RUN_DIR of the same config hash is returned as it is (nothing to resume),
+      else a fresh fit starts (warning);
+    * a ``.partial`` locked by another running fit is refused.
+
+    HINGE and FLAG resume to the same weights as an uninterrupted fit (the
+    curriculum, early stopping and best-weights history included); the
+    benchmark models resume from their last end-of-epoch checkpoint (close to,
+    not bit-identical with, an uninterrupted fit; see :mod:`stgen.train`).
+    SIGTERM stops training after the current step with a checkpoint and raises
+    :class:`stgen.train.TrainingInterrupted` (``stgen fit`` exits with 143).
+
+    **Devices.** ``accelerator``, ``devices`` (per node), ``strategy`` and
+    ``num_nodes`` go to the Lightning Trainer; more than one process (e.g.
+    ``devices=2, strategy="ddp"``) is for ``hinge`` and ``flag`` only (global
+    batch as in one process for HINGE, one crop per process and step for FLAG;
+    see :mod:`stgen.train`). With ``ddp`` Lightning starts the other processes
+    by re-running the command; every process prepares the data (the backbone
+    and features come from the cache that the first process filled) and trains,
+    only global rank 0 manages ``.partial`` and writes RUN_DIR. Several nodes:
+    start the same command on each (``MASTER_ADDR``, ``MASTER_PORT``,
+    ``NODE_RANK``, or SLURM), with RUN_DIR and the cache on a shared filesystem
+    when resuming.
     """
     check_model(model)
     cfg = cfg or StgenConfig()
-    data_dir, cache_dir = Path(data_dir), Path(cache_dir or default_cache_dir())
+    if cfg.features.patch_um is not None and model in ("hifusion", "stnet"):
+        raise InputError(f"{model} cuts its own image patches at features.patch_px pixels: unset features.patch_um")
+    data_dir, cache_dir = as_dataset(data_dir, data_format), Path(cache_dir or default_cache_dir())
+    work = _PartialRun(Path(out), {"config_hash": config_hash(cfg, model, test_section), "model": model,
+                                   "test_section": test_section}, resume,
+                       dict(accelerator=accelerator, devices=devices, strategy=strategy, num_nodes=num_nodes))
+    finished = work.preflight()  # refuses early (before features and training) what the rules refuse
+    if finished is not None:
+        return finished
     t_start = time.time()
     train, imaged = _training_data(data_dir, test_section, cfg)
     panel = select_hmhvg(list(train.values()), load_vocabulary(), n_top=cfg.data.n_top, transform=cfg.data.transform)
@@ -239,14 +315,16 @@ def fit(
     target_list = [transform_counts(a[:, panel].X, cfg.data.transform) for a in train.values()]
     targets = np.concatenate(target_list)
     meta.update(panel=panel, n_train_spots=int(len(feats)), feature_dim=int(feats.shape[1]),
-                features={"encoder": cfg.features.encoder, "patch_px": cfg.features.patch_px, "tta": cfg.features.tta})
+                features={"encoder": cfg.features.encoder, "patch_px": cfg.features.patch_px, "tta": cfg.features.tta},
+                spots=spot_layout(train.values(), cfg.features.patch_px, cfg.features.patch_um))
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    with work as tmp:  # <out>.partial/out (rank 0), published as out on success; checkpoints, resume, devices
         t0 = time.time()
         if model == "hinge":
             h = cfg.hinge
             schedule = MaskSchedule(len(panel), h.T, h.schedule, h.zeta)
             hcfg = HingeConfig.from_train_config(h)  # architecture + ablation switches (stgen.ablation)
+            torch.manual_seed(h.seed)  # the initial weights must not depend on what ran before (pre-training)
             net = HINGE(backbone, panel, feats.shape[1], h.T, hcfg)
             meta["training"] = train_hinge(net, feats, targets, h, schedule, progress=progress)
             meta["hinge"] = {"config": hcfg.to_dict(), "T": h.T, "schedule": h.schedule, "zeta": schedule.exponent,
@@ -263,6 +341,7 @@ def fit(
             f = cfg.flag
             fcfg = FlagConfig.from_train_config(f)
             emb = gene_token_embeddings(backbone, panel)
+            torch.manual_seed(f.seed)
             net = FLAG(fcfg, len(panel), feats.shape[1], emb)
             meta["backbone"].pop("genes", None)  # not needed to load a FLAG run: the embeddings are in the model
             sections = [(fs, a.obsm["spatial"], ts) for fs, a, ts in zip(feat_list, train.values(), target_list)]
@@ -293,6 +372,161 @@ def fit(
     return meta
 
 
+class _PartialRun:
+    """The work folder ``<out>.partial`` of :func:`fit` (rules in its docstring).
+
+    :meth:`preflight` applies the rules before any work; as a context manager
+    it claims the folder (a lock; stale content removed unless resuming),
+    sets :func:`stgen.train.training_context` (checkpoints in ``checkpoints/``,
+    the checkpoint to resume from, devices) and yields ``out/``, which replaces
+    ``out`` on success. Processes other than global rank 0 of a multi-process
+    launch only train: they resume from the same checkpoint and write into a
+    private temporary folder that is deleted.
+    """
+
+    def __init__(self, out: Path, ident: dict, resume: bool, devices: dict) -> None:
+        from .train import check_trainer_options, is_launch_zero
+
+        if out.name in ("", ".", ".."):
+            raise InputError(f"--out {str(out)!r}: not a valid RUN_DIR name")
+        check_trainer_options(**devices)  # before any work
+        self.out, self.ident, self.resume, self.devices = out, ident, resume, devices
+        self.part = out.with_name(out.name + ".partial")
+        self.last = self.part / "checkpoints" / "last.ckpt"
+        self.writer = is_launch_zero()
+        self._lock = self._context = self._tmp = None
+
+    def _finish_publish(self) -> None:
+        """Complete the publication of a fit killed while moving its finished run into place."""
+        if not (self.part / "finished").exists():
+            return
+        if (self.part / "out").is_dir():
+            if self.out.exists() and not (self.part / "old").exists():
+                os.replace(self.out, self.part / "old")
+            os.replace(self.part / "out", self.out)
+        import shutil
+
+        shutil.rmtree(self.part, ignore_errors=True)
+
+    def _refuse(self) -> None:
+        """InputError where the rules refuse this fit."""
+        if self.last.is_file():
+            if not self.resume:
+                raise InputError(f"{self.part} holds an unfinished fit with a checkpoint: pass --resume to continue "
+                                 f"it, or delete {self.part} to start over")
+            info = json.loads((self.part / "resume.json").read_text()) if (self.part / "resume.json").is_file() else {}
+            if info.get("config_hash") != self.ident["config_hash"]:
+                raise InputError(
+                    f"cannot resume {self.part}: it was started with another configuration (config hash "
+                    f"{info.get('config_hash')}, model {info.get('model')}, test section {info.get('test_section')}; "
+                    f"this fit: {self.ident['config_hash']}, {self.ident['model']}, {self.ident['test_section']}): "
+                    f"resume with the same --config, --model, --test-section and stgen version, or delete {self.part}")
+
+    def preflight(self) -> dict | None:
+        """InputError where the rules refuse; the existing run's metadata when resuming finds it finished.
+
+        The other processes of a multi-process launch take the same (read-only) decisions, so that none of
+        them trains alone."""
+        if self.writer:
+            self._finish_publish()
+        if self.out.exists() and not (self.out / "run.json").is_file():  # only an earlier fit's RUN_DIR is replaced
+            raise InputError(f"{self.out} exists and is not a stgen run directory; choose a new --out or delete it")
+        self._refuse()
+        if not self.resume or self.last.is_file():
+            return None
+        if self.part.is_dir():
+            if self.writer:
+                log.warning("%s has no checkpoint yet: the fit starts over", self.part)
+            return None
+        run_json = self.out / "run.json"
+        meta = json.loads(run_json.read_text()) if run_json.is_file() else {}
+        if meta.get("config_hash") == self.ident["config_hash"]:
+            if self.writer:
+                log.warning("nothing to resume: %s is a finished run of this configuration", self.out)
+            return meta
+        if self.writer:
+            log.warning("nothing to resume (no %s): starting a fresh fit", self.part)
+        return None
+
+    def __enter__(self) -> Path:
+        import shutil
+        import tempfile
+
+        from .train import training_context
+
+        resume_from = self.last if self.resume and self.last.is_file() else None
+        if not self.writer:
+            self._tmp = Path(tempfile.mkdtemp(prefix="stgen-fit-"))
+        else:
+            try:
+                self.part.mkdir(parents=True, exist_ok=True)
+                self._lock = open(self.part / "lock", "w")
+            except OSError as e:
+                raise InputError(f"cannot create the work folder {self.part} ({e.strerror or e})") from e
+            try:
+                import fcntl
+
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except ImportError:  # no fcntl (Windows): no lock
+                pass
+            except OSError:
+                self._lock.close()
+                raise InputError(f"another stgen fit is writing {self.part}; wait for it or stop it") from None
+        try:
+            if self.writer:
+                self._refuse()  # again, under the lock
+                for p in self.part.iterdir():  # a fresh start keeps nothing; a resumed one its checkpoints
+                    if p.name != "lock" and (resume_from is None or p.name != "checkpoints"):
+                        shutil.rmtree(p) if p.is_dir() else p.unlink()
+                write_json(self.part / "resume.json", {**self.ident, "stgen_version": __version__})
+                if resume_from is not None:
+                    try:
+                        info = json.loads((resume_from.parent / "last.json").read_text())
+                        at = (f"step {info['global_step']}, mid-epoch" if info["mid_epoch"]
+                              else f"{info['epoch']} epoch(s) done")
+                    except (OSError, ValueError, KeyError):  # killed between writing the two files
+                        at = "progress unknown"
+                    log.warning("resuming from %s (%s)", resume_from, at)
+                self._tmp = self.part / "out"
+                self._tmp.mkdir()
+            self._context = training_context(ckpt_dir=self.part / "checkpoints", resume_from=resume_from,
+                                             **self.devices)
+            self._context.__enter__()
+        except BaseException as e:
+            self._context = None
+            self.__exit__(type(e), e, None)
+            raise
+        return self._tmp
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        import shutil
+
+        try:
+            if self._context is not None:
+                self._context.__exit__(exc_type, exc, tb)
+            if not self.writer or (exc_type is not None and self.last.is_file()):
+                if self._tmp is not None:  # a resumable .partial keeps its checkpoints, not the half-written run
+                    shutil.rmtree(self._tmp, ignore_errors=True)
+            elif exc_type is None:
+                (self.part / "finished").write_text("")
+                self._finish_publish()
+            else:
+                shutil.rmtree(self.part, ignore_errors=True)
+        finally:
+            if self._lock is not None:
+                self._lock.close()
+        from .errors import StgenError
+
+        if exc is not None and not isinstance(exc, StgenError):
+            try:
+                from .io import OutputError, _disk_full
+            except ImportError:
+                return False
+            if _disk_full(exc):  # as stgen.io.atomic_dir reports it
+                raise OutputError(f"no space left on device writing {self.out}", getattr(exc, "errno", None)) from exc
+        return False
+
+
 def config_hash(cfg: StgenConfig, model: str, test_section: str) -> str:
     """Identity of a fit: same hash = same model would be trained.
 
@@ -301,6 +535,8 @@ def config_hash(cfg: StgenConfig, model: str, test_section: str) -> str:
     runs) of the others must not change with them.
     """
     d = cfg.to_dict()
+    if d["features"].get("patch_um") is None:  # added later: unset, it must not change earlier runs' hashes
+        d["features"].pop("patch_um", None)
     for other in ("flag", *SPOT_MODELS):
         if other != model:
             d.pop(other, None)
@@ -316,10 +552,18 @@ class TrainedRun:
     cfg: StgenConfig
     model: object
     cache_dir: Path | None = None  # feature cache of the benchmark models' extra patches (HiFusion)
+    patch_px: int | None = None  # spot patch side at the predicted slide's resolution (default: as trained)
 
     @property
     def panel(self) -> list[str]:
         return self.meta["panel"]
+
+    def features(self, progress: bool = False) -> FeatureSettings:
+        """The run's encoder settings with the spot patch at :attr:`patch_px` (when set)."""
+        fs = feature_settings(self.cfg, self.cache_dir, progress)
+        if self.patch_px is not None:
+            fs.patch_px = int(self.patch_px)
+        return fs
 
     def predict(self, feats: np.ndarray, samples: int | None = None, steps: int | None = None,
                 seed: int = 0, progress: bool = False, batch_size: int | None = None,
@@ -342,7 +586,7 @@ class TrainedRun:
             if xy is None:
                 raise InputError(f"{self.meta['model']} needs the spots' pixel coordinates xy")
             section = SectionInput("predict", xy, feats, Path(image) if image is not None else None)
-            mean, std = self.model.predict(section, feature_settings(self.cfg, self.cache_dir, progress),
+            mean, std = self.model.predict(section, self.features(progress),
                                            samples=samples, steps=steps, seed=seed, progress=progress)
             return np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
         flag = self.meta["model"] == "flag"
@@ -364,9 +608,13 @@ class TrainedRun:
                 else MaskSchedule(len(self.panel), h["T"], h["schedule"], h["zeta"]))
         gen = torch.Generator().manual_seed(seed)
         model = self.model.to(dev)
+        # HINGE: a spot's reveal orders follow from its pixel position, so its samples do not depend on the
+        # other spots predicted with it (a bare-slide grid point equals the same position in a spot file)
+        keys = {} if flag or xy is None else {"spot_keys": spot_keys(xy)}
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
             mean, std = model.generate(torch.as_tensor(feats, dtype=torch.float32, device=dev), plan, steps=steps,
-                                       n_samples=samples, generator=gen, progress=progress, batch_size=batch_size)
+                                       n_samples=samples, generator=gen, progress=progress, batch_size=batch_size,
+                                       **keys)
         return mean.float().cpu().numpy(), std.float().cpu().numpy()
 
 
@@ -420,10 +668,55 @@ def _load_state(net: torch.nn.Module, path: Path, keep_prefix: str | None = None
         raise InputError(f"{path} does not match run.json: {e}") from e
 
 
+#: Thumbnail stored in a prediction's ``.uns['spatial']`` (longer side, px) and used for tissue detection.
+THUMBNAIL_PX = 2000
+def spot_layout(sections, patch_px: int, patch_um: float | None = None) -> dict:
+    """The training spots' layout for ``run.json``: ``grid`` (square | hex), ``spacing_um``, ``diameter_um``,
+    ``mpp`` (mean microns per pixel of the training images) and ``patch_um`` (the spot patch's side in
+    microns, ``patch_px * mpp``), from the sections' ``uns['stgen']`` (see :func:`stgen.data.her2st.read_section`)."""
+    infos = [a.uns["stgen"] for a in sections]
+    grids = sorted({i.get("grid", "square") for i in infos})
+    if len(grids) > 1:
+        raise InputError(f"training sections mix spot grids {grids} (legacy ST and Visium): train on one technology")
+    mpps = [float(i["mpp"]) for i in infos if i.get("mpp")]
+    mpp = float(np.mean(mpps)) if mpps else None
+    return {"grid": grids[0], "spacing_um": float(infos[0]["spot_spacing_um"]),
+            "diameter_um": float(infos[0]["spot_diameter_um"]), "mpp": mpp,
+            "patch_um": float(patch_um) if patch_um else (float(patch_px) * mpp if mpp else None)}
+
+
+def _spots_from_file(spots: str | Path) -> pd.DataFrame:
+    """Spot table of ``--spots``: :func:`read_spots` formats, or an ``.h5ad`` whose ``obsm['spatial']`` holds
+    full-resolution (x, y) pixels."""
+    spots = Path(spots)
+    if spots.suffix != ".h5ad":
+        return read_spots(spots)
+    if not spots.is_file():
+        raise InputError(f"{spots}: spot file not found")
+    try:
+        a = ad.read_h5ad(spots, backed="r")
+        xy = np.asarray(a.obsm["spatial"], dtype=np.float64)
+        names = a.obs_names.astype(str).to_numpy()
+    except KeyError:
+        raise InputError(f"{spots}: no obsm['spatial'] (full-resolution spot pixel coordinates)") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"{spots}: not a readable .h5ad ({e})") from e
+    if xy.ndim != 2 or xy.shape[1] != 2 or not np.isfinite(xy).all():
+        raise InputError(f"{spots}: obsm['spatial'] must be finite (N, 2) pixel coordinates, got {xy.shape}")
+    return pd.DataFrame({"pixel_x": xy[:, 0], "pixel_y": xy[:, 1]}, index=pd.Index(names, name="spot"))
+
+
+def _slide_mpp(slide, image: str | Path, need: str) -> float:
+    if slide.mpp is None:
+        raise InputError(f"{image}: the image has no pixel-size metadata; {need} needs it: pass --mpp "
+                         f"(microns per full-resolution pixel, e.g. 0.5 for a 20x scan)")
+    return float(slide.mpp)
+
+
 def predict(
     run_dir: str | Path,
     image: str | Path,
-    spots: str | Path,
+    spots: str | Path | None,
     out: str | Path,
     samples: int | None = None,
     steps: int | None = None,
@@ -433,34 +726,91 @@ def predict(
     batch_size: int | None = None,
     device: str | None = None,
     precision: str | None = None,
+    mpp: float | None = None,
+    grid_origin: tuple[float, float] | None = None,
+    min_tissue: float = 0.5,
+    maps_dir: str | Path | None = None,
+    genes: Sequence[str] | None = None,
 ) -> ad.AnnData:
-    """Predict the panel's expression at every spot of ``spots`` on ``image``.
+    """Predict the panel's expression at every spot of ``spots`` on ``image``, or on a bare slide.
 
-    Writes ``out`` (.h5ad) atomically: ``.X`` mean prediction in the run's
-    target units, ``layers['std']`` the per-spot sample standard deviation
-    (zeros for ridge), ``obsm['spatial']`` full-resolution pixel (x, y),
-    ``.uns['stgen']`` provenance (model, units, steps, samples, and
-    ``run_sha256``, the SHA-256 of the run's ``run.json``, which changes with
-    every (re)fit - :func:`prediction_is_current` uses it to reuse predictions -
-    and ``predict_s``, the wall time of this call up to writing the file: loading
-    the run, features, sampling).
+    ``image`` is any slide :func:`stgen.slide.open_slide` reads (JPEG/PNG, pyramidal TIFF/OME-TIFF,
+    SVS/NDPI/MRXS with OpenSlide), read lazily. ``mpp`` (microns per full-resolution pixel) overrides
+    the slide's metadata. When the slide's mpp is known, spot patches are ``patch_um / mpp`` pixels
+    (``patch_um`` from the run's training images, ``run.json['spots']``), so a model applies at another
+    scan resolution; otherwise they have the trained ``features.patch_px``.
+
+    Without ``spots`` (a slide that was never sequenced) the tissue is found by Otsu thresholding
+    (:func:`stgen.tissue.detect_tissue`) and virtual spots are laid on it at the training spot spacing
+    (:func:`stgen.tissue.lay_spot_grid`: hexagonal for Visium-trained runs, square for legacy ST;
+    ``grid_origin`` pins one lattice point, full-resolution (x, y)); this needs the slide's mpp.
+
+    Writes ``out`` (.h5ad) atomically: ``.X`` mean prediction in the run's target units,
+    ``layers['std']`` the per-spot sample standard deviation (zeros for ridge), ``obsm['spatial']``
+    full-resolution pixel (x, y), ``.uns['spatial'][library_id]`` a thumbnail (``images['hires']``)
+    and ``scalefactors`` (``tissue_hires_scalef``, ``spot_diameter_fullres``) for
+    ``scanpy.pl.spatial`` / ``squidpy.pl.spatial_scatter``, and ``.uns['stgen']`` provenance (model,
+    units, steps, samples, mpp, patch_px, grid, ``run_sha256`` - the SHA-256 of the run's ``run.json``,
+    which :func:`prediction_is_current` uses - and ``predict_s``, the wall time of this call up to
+    writing). With ``maps_dir``, PNG maps of ``genes`` (default: the 4 most variable predictions) and
+    of the uncertainty (mean sd over genes) over the thumbnail go there
+    (:func:`stgen.plots.plot_slide_maps`).
+
+    Raises
+    ------
+    InputError : unreadable/truncated image, no mpp where one is needed, spots outside the image or in
+        the wrong coordinate scale, no tissue, genes not in the panel, and the run's own errors.
     """
+    from .data.readers import check_spot_scale
+    from .slide import open_slide
+    from .tissue import detect_tissue, lay_spot_grid
+
     t_start = time.perf_counter()
+    if not -(2**63) <= int(seed) < 2**63:
+        raise InputError(f"--seed must be a 64-bit integer, got {seed}")
+    _check_folder(maps_dir, "--maps")
     run = load_run(run_dir)
     run.cache_dir = Path(cache_dir or default_cache_dir())
-    spots_df = read_spots(spots)
-    img = open_image(image)
-    w, h = img.size
-    xy = spots_df[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64)
-    outside = (xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] >= w) | (xy[:, 1] >= h)
-    if outside.any():
-        raise InputError(f"{spots}: {int(outside.sum())} spot(s) lie outside the image {image} ({w} x {h} px), "
-                         f"e.g. {spots_df.index[outside][:3].tolist()}")
-    feats = feature_settings(run.cfg, run.cache_dir, progress).encode(image, xy)
+    layout = run.meta.get("spots") or {"grid": "square", "spacing_um": 200.0, "diameter_um": 100.0,
+                                       "mpp": None, "patch_um": None}
+    if genes:
+        missing = [g for g in genes if g not in run.panel]
+        if missing:
+            raise InputError(f"gene(s) {missing} are not in the run's panel of {len(run.panel)} genes "
+                             f"(e.g. {run.panel[:5]})")
+    with open_slide(image, mpp=mpp) as slide:
+        w, h = slide.width, slide.height
+        thumb, scale = slide.thumbnail(THUMBNAIL_PX)
+        if spots is not None:
+            spots_df = _spots_from_file(spots)
+            xy = spots_df[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64)
+            outside = (xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] >= w) | (xy[:, 1] >= h)
+            if outside.any():
+                raise InputError(f"{spots}: {int(outside.sum())} spot(s) lie outside the image {image} ({w} x {h} "
+                                 f"px), e.g. {spots_df.index[outside][:3].tolist()}")
+            if slide.mpp is not None:
+                check_spot_scale(xy, slide.mpp, None, str(spots))
+            grid = None
+        else:
+            slide_mpp = _slide_mpp(slide, image, "a bare-slide prediction (no --spots)")
+            tissue = detect_tissue(thumb, scale, mpp=slide_mpp, source=str(image))
+            spots_df = lay_spot_grid(tissue, w, h, slide_mpp, kind=layout["grid"], spacing_um=layout["spacing_um"],
+                                     diameter_um=layout["diameter_um"], origin=grid_origin, min_tissue=min_tissue)
+            xy = spots_df[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64)
+            grid = {"kind": layout["grid"], "spacing_um": layout["spacing_um"], "tissue_fraction": tissue.fraction,
+                    "otsu_threshold": tissue.threshold, "origin": list(map(float, grid_origin or xy[0]))}
+        slide_mpp = slide.mpp
+    patch_px = int(run.cfg.features.patch_px)
+    if slide_mpp is not None and layout.get("patch_um"):
+        patch_px = max(1, int(round(layout["patch_um"] / slide_mpp)))
+    run.patch_px = patch_px
+    feats = run.features().encode(image, xy)
     mean, std = run.predict(feats, samples=samples, steps=steps, seed=seed, progress=progress,
                             batch_size=batch_size, device=device, precision=precision, xy=xy, image=image)
     is_gen = run.meta["model"] in GENERATIVE
-    h = sampler_defaults(run.meta)
+    hs = sampler_defaults(run.meta)
+    library_id = Path(image).stem
+    diameter_px = layout["diameter_um"] / slide_mpp if slide_mpp else float(patch_px)
     adata = ad.AnnData(
         X=mean.astype(np.float32),
         obs=spots_df.copy(),
@@ -468,16 +818,26 @@ def predict(
         obsm={"spatial": xy},
         layers={"std": std.astype(np.float32)},
     )
+    adata.uns["spatial"] = {library_id: {
+        "images": {"hires": thumb},
+        "scalefactors": {"tissue_hires_scalef": float(scale), "spot_diameter_fullres": float(diameter_px)},
+        "metadata": {"source_image_path": str(image)}}}
     adata.uns["stgen"] = {
         "model": run.meta["model"], "units": run.meta["units"], "run_dir": str(Path(run_dir).resolve()),
-        "image": str(image), "steps": int(steps or h.get("steps", 0)) if is_gen else 0,
-        "samples": int(samples or h.get("samples", 1)) if is_gen else 1, "seed": seed,
+        "image": str(image), "steps": int(steps or hs.get("steps", 0)) if is_gen else 0,
+        "samples": int(samples or hs.get("samples", 1)) if is_gen else 1, "seed": seed,
         "test_section": run.meta.get("test_section"), "stgen_version": __version__,
+        "mpp": float(slide_mpp) if slide_mpp else float("nan"), "patch_px": patch_px,
+        "library_id": library_id, "bare_slide": spots is None, **({"grid": grid} if grid else {}),
         "run_sha256": sha256_file(Path(run_dir) / "run.json"),
         "predict_s": round(time.perf_counter() - t_start, 3),
     }
     with atomic_path(out, suffix=".h5ad") as tmp:
         adata.write_h5ad(tmp)
+    if maps_dir is not None:
+        from .plots import plot_slide_maps
+
+        plot_slide_maps(adata, maps_dir, genes=genes)
     return adata
 
 
@@ -527,13 +887,19 @@ def predict_or_reuse(
 
 
 # ------------------------------------------------------------------ evaluate
+def _check_folder(path: str | Path | None, option: str) -> None:
+    """InputError when ``path`` exists and is not a folder (checked before any work is done)."""
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise InputError(f"{option} {path}: not a folder")
+
+
 def load_truth(path: str | Path, units: str) -> ad.AnnData:
     """Ground truth in target ``units``: a Her2ST counts table or an .h5ad of raw counts."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"truth file {path} does not exist")
     if path.suffix == ".h5ad":
-        truth = ad.read_h5ad(path)
+        truth = read_anndata(path, "truth file")
         raw = truth.layers["counts"] if "counts" in truth.layers else truth.X
     else:
         truth = read_counts(path)
@@ -587,13 +953,15 @@ def evaluate_prediction(pred_path: str | Path, truth_path: str | Path, out: str 
     pred_path = Path(pred_path)
     if not pred_path.is_file():
         raise InputError(f"prediction file {pred_path} does not exist")
-    pred = ad.read_h5ad(pred_path)
-    units = pred.uns.get("stgen", {}).get("units", "log2")
+    _check_folder(downstream_dir, "--downstream-dir")
+    pred = read_anndata(pred_path, "prediction file")
+    info = pred.uns.get("stgen")
+    info = info if isinstance(info, dict) else {}
+    units = info.get("units", "log2")
     truth = load_truth(truth_path, units)
     label = f"{pred_path} vs {truth_path}"
     metrics = score_prediction(pred, truth, label).metrics
-    metrics.update(units=units, prediction=str(pred_path), truth=str(truth_path),
-                   model=pred.uns.get("stgen", {}).get("model"))
+    metrics.update(units=units, prediction=str(pred_path), truth=str(truth_path), model=info.get("model"))
     if downstream_dir is not None:
         from .downstream import run_downstream
 

@@ -20,7 +20,7 @@ from stgen.errors import InputError  # noqa: E402
 from stgen.io import atomic_path  # noqa: E402
 from stgen.metrics import gene_gene_corr_agreement  # noqa: E402
 
-__all__ = ["plot_spatial_maps", "plot_corr_heatmaps", "plot_metric_bars"]
+__all__ = ["plot_spatial_maps", "plot_corr_heatmaps", "plot_metric_bars", "plot_slide_maps"]
 
 _DPI = 120
 
@@ -260,3 +260,70 @@ def plot_metric_bars(df: Any, metric: str, out_png: str | os.PathLike) -> None:
     ax.legend(title="model", fontsize=8, frameon=False)
     ax.set_title(f"{metric} by section")
     save_figure(fig, out_png)
+
+
+def plot_slide_maps(adata: Any, out_dir: str | os.PathLike, genes: Sequence[str] | None = None,
+                    n_auto: int = 4) -> list[str]:
+    """PNG maps of a prediction over its slide thumbnail: one per gene, plus the uncertainty.
+
+    Parameters
+    ----------
+    adata : a prediction of :func:`stgen.pipeline.predict`: ``.X`` (N, G) mean expression in the run's
+        units, ``layers['std']`` (N, G) the sample sd, ``obsm['spatial']`` full-resolution (x, y) px and
+        ``uns['spatial'][library_id]`` with ``images['hires']`` and ``scalefactors`` (as scanpy reads them).
+    out_dir : folder for ``<gene>.png`` and ``uncertainty.png`` (written atomically).
+    genes : genes to draw (default: the ``n_auto`` genes whose predictions vary most over the spots).
+
+    Spots are drawn as discs of the spot diameter (``spot_diameter_fullres``) over the thumbnail;
+    the colour scale of a gene is its 1st-99th percentile. ``uncertainty.png`` shows the mean over genes
+    of the per-spot sample sd (zero for deterministic models). Returns the written paths.
+
+    Raises
+    ------
+    InputError : a gene not in ``adata.var_names``, or no ``uns['spatial']`` thumbnail.
+    """
+    from pathlib import Path
+
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Circle
+
+    lib = next(iter(adata.uns.get("spatial", {}) or {}), None)
+    if lib is None or "hires" not in adata.uns["spatial"][lib].get("images", {}):
+        raise InputError("prediction has no uns['spatial'][...]['images']['hires'] thumbnail to draw on")
+    sp = adata.uns["spatial"][lib]
+    img, sf = np.asarray(sp["images"]["hires"]), sp["scalefactors"]
+    scale, radius = float(sf["tissue_hires_scalef"]), 0.5 * float(sf["spot_diameter_fullres"])
+    X = np.asarray(adata.X, dtype=np.float64)
+    names = [str(g) for g in adata.var_names]
+    if genes:
+        missing = [g for g in genes if g not in names]
+        if missing:
+            raise InputError(f"gene(s) {missing} are not in the prediction's {len(names)} genes")
+        chosen = list(genes)
+    else:
+        chosen = [names[j] for j in np.argsort(-X.var(0), kind="stable")[:n_auto]]
+    std = np.asarray(adata.layers["std"], dtype=np.float64) if "std" in adata.layers else np.zeros_like(X)
+    xy = np.asarray(adata.obsm["spatial"], dtype=np.float64) * scale
+    units = (adata.uns.get("stgen") or {}).get("units", "")
+    panels = [(g, X[:, names.index(g)], f"{g} ({units})" if units else g) for g in chosen]
+    panels.append(("uncertainty", std.mean(1), "uncertainty: mean sample sd over genes"))
+    out_dir = Path(out_dir)
+    written = []
+    for stem, values, title in panels:
+        fig, ax = plt.subplots(figsize=(6.0, 6.0 * img.shape[0] / max(img.shape[1], 1) + 0.4))
+        ax.imshow(img)
+        vmin, vmax = np.percentile(values, [1, 99]) if len(values) else (0.0, 1.0)
+        if not vmax > vmin:
+            vmax = vmin + 1e-6
+        coll = PatchCollection([Circle((x, y), radius * scale) for x, y in xy], cmap="magma" if stem ==
+                               "uncertainty" else "viridis", linewidths=0, alpha=0.85)
+        coll.set_array(values)
+        coll.set_clim(vmin, vmax)
+        ax.add_collection(coll)
+        fig.colorbar(coll, ax=ax, shrink=0.7, pad=0.01)
+        ax.set_title(title, fontsize=10)
+        ax.set_axis_off()
+        path = out_dir / f"{''.join(c if c.isalnum() or c in '-_.' else '_' for c in stem)}.png"
+        save_figure(fig, path)
+        written.append(str(path))
+    return written

@@ -131,6 +131,9 @@ def read_spots(path: str | os.PathLike) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: cannot parse spot file ({e})") from e
     df.columns = [str(c).strip() for c in df.columns]
+    dup_cols = df.columns[df.columns.duplicated()]
+    if len(dup_cols):
+        raise InputError(f"{path}: duplicated column {dup_cols[0]!r} in the header")
 
     def num(col: str) -> np.ndarray:
         v = pd.to_numeric(df[col].str.strip(), errors="coerce").to_numpy(dtype=np.float64)
@@ -146,9 +149,7 @@ def read_spots(path: str | os.PathLike) -> pd.DataFrame:
         ax, ay = num("x"), num("y")
         if not (np.isfinite(ax).all() and np.isfinite(ay).all()):
             raise InputError(f"{path}: non-numeric or missing array coordinates in columns x/y")
-        if np.any(ax != np.round(ax)) or np.any(ay != np.round(ay)):
-            raise InputError(f"{path}: array coordinates x/y must be integers")
-        ax, ay = ax.astype(np.int64), ay.astype(np.int64)
+        ax, ay = _array_ints(ax, path, "x"), _array_ints(ay, path, "y")
         out = pd.DataFrame(
             {"pixel_x": num("pixel_x"), "pixel_y": num("pixel_y"), "array_x": ax, "array_y": ay},
             index=pd.Index([f"{a}x{b}" for a, b in zip(ax, ay)], name="spot"),
@@ -161,14 +162,18 @@ def read_spots(path: str | os.PathLike) -> pd.DataFrame:
     elif {"barcode", "pixel_x", "pixel_y"} <= cols:
         if len(df) == 0:
             raise InputError(f"{path}: spot file has no rows")
+        empty = df["barcode"].str.strip() == ""
+        if empty.any():
+            raise InputError(f"{path}: empty barcode on data row {int(np.flatnonzero(empty.to_numpy())[0]) + 1}")
         out = pd.DataFrame(
             {"pixel_x": num("pixel_x"), "pixel_y": num("pixel_y")},
             index=pd.Index(df["barcode"].str.strip().to_numpy(dtype=str), name="spot"),
         )
         if "array_x" in cols and "array_y" in cols:
             ax, ay = num("array_x"), num("array_y")
-            if np.isfinite(ax).all() and np.isfinite(ay).all():
-                out["array_x"], out["array_y"] = ax.astype(np.int64), ay.astype(np.int64)
+            if np.isfinite(ax).all() and np.isfinite(ay).all():  # optional: kept only when complete
+                out["array_x"] = _array_ints(ax, path, "array_x")
+                out["array_y"] = _array_ints(ay, path, "array_y")
     else:
         raise InputError(
             f"{path}: missing columns; expected Her2ST 'x y pixel_x pixel_y [selected]' "
@@ -186,6 +191,15 @@ def read_spots(path: str | os.PathLike) -> pd.DataFrame:
             f"{path}: {int(dup.sum())} duplicated spot id(s), e.g. {out.index[dup][0]!r}"
         )
     return out
+
+
+def _array_ints(v: np.ndarray, path: Path, name: str) -> np.ndarray:
+    """Finite float array coordinates -> int64; InputError if not integers or beyond +-2**31."""
+    if np.any(v != np.round(v)):
+        raise InputError(f"{path}: array coordinates in column {name} must be integers")
+    if np.any(np.abs(v) > 2**31):
+        raise InputError(f"{path}: array coordinate {v[np.abs(v) > 2**31][0]:g} in column {name} is out of range")
+    return v.astype(np.int64)
 
 
 # --------------------------------------------------------------------------- counts
@@ -246,11 +260,17 @@ def read_counts(path: str | os.PathLike) -> ad.AnnData:
         raise InputError(f"{path}: count file has no spots")
     if any(g == "" for g in genes):
         raise InputError(f"{path}: empty gene symbol in header")
+    missing = body.index.isna() | (body.index.astype(str).str.strip() == "")
+    if missing.any():
+        raise InputError(
+            f"{path}: empty or missing spot id (first cell of data row {int(np.flatnonzero(missing)[0]) + 1})"
+        )
     spots = body.index.astype(str).str.strip()
     if spots.duplicated().any():
         raise InputError(f"{path}: duplicated spot id(s), e.g. {spots[spots.duplicated()][0]!r}")
 
-    nonnum = [c for c, t in body.dtypes.items() if not pd.api.types.is_numeric_dtype(t)]
+    nonnum = [c for c, t in body.dtypes.items()
+              if not pd.api.types.is_numeric_dtype(t) or pd.api.types.is_bool_dtype(t)]
     if nonnum:
         col = nonnum[0]
         raise InputError(f"{path}: non-numeric value(s) in gene column {genes[col - 1]!r}")
@@ -336,7 +356,7 @@ def read_section(root: str | os.PathLike, section: str, require_image: bool = Fa
     ``array_y`` (int), ``pixel_x``, ``pixel_y`` (float, full-res px) and
     ``section``; ``.obsm['spatial']`` float64 (n, 2) = (pixel_x, pixel_y), i.e.
     (column, row); ``.uns['stgen']`` = dict(section, image_path (str or None),
-    mpp (um/px), spot_diameter_um=100, spot_spacing_um=200, source='her2st').
+    mpp (um/px), spot_diameter_um=100, spot_spacing_um=200, grid='square', source='her2st').
 
     Raises
     ------
@@ -390,6 +410,7 @@ def read_section(root: str | os.PathLike, section: str, require_image: bool = Fa
         "mpp": float(mpp),
         "spot_diameter_um": SPOT_DIAMETER_UM,
         "spot_spacing_um": SPOT_SPACING_UM,
+        "grid": "square",
         "source": "her2st",
     }
     return adata

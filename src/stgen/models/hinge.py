@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..gaussian import GaussianSchedule, ddim_sample
-from ..masking import MaskSchedule, sample_unmasking
+from ..masking import MaskSchedule, sample_unmasking, spot_uniforms
 from .backbone import ExpressionBackbone
 from .lora import add_lora
 from .softadaln import SoftAdaLN
@@ -210,6 +210,7 @@ class HINGE(nn.Module):
         generator: torch.Generator | None = None,
         batch_size: int = 64,
         progress: bool = False,
+        spot_keys: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample expression for spots with features ``feats`` (N, F).
 
@@ -221,9 +222,20 @@ class HINGE(nn.Module):
         sampler with ``schedule``; ``gauss`` runs K-step deterministic DDIM from
         pure noise on the cosine schedule over ``schedule.T`` steps
         (:func:`stgen.gaussian.ddim_sample`; only ``schedule.T`` is used).
+
+        ``spot_keys`` (N,) int64 (:func:`stgen.masking.spot_keys` of the spots'
+        pixel positions) makes each spot's reveal orders depend on its key and
+        one seed drawn from ``generator`` only, so a spot's samples do not depend
+        on the other spots of the call (mask objective).
         """
         self.eval()
         n, device = feats.shape[0], feats.device
+        noise = None
+        if spot_keys is not None and self.config.objective != "gauss":
+            if tuple(spot_keys.shape) != (n,):
+                raise ValueError(f"spot_keys must be ({n},), got {tuple(spot_keys.shape)}")
+            base = int(torch.randint(0, 2**62, (1,), generator=generator))
+            noise = spot_uniforms(spot_keys, n_samples, len(self.panel), base)
         gauss = GaussianSchedule(schedule.T) if self.config.objective == "gauss" else None
         first = None
         if gauss is None and n_samples > 1:  # step 1 (t = T, nothing visible) is the same for every sample
@@ -252,8 +264,9 @@ class HINGE(nn.Module):
                                                       generator, device=device)
                 continue
             x0_first = None if first is None else first[torch.arange(s, s + f.shape[0], device=device) % n]
-            out[s : s + batch_size] = sample_unmasking(denoise, f.shape[0], schedule, steps, generator, device=device,
-                                                       x0_first=x0_first)
+            out[s : s + batch_size] = sample_unmasking(
+                denoise, f.shape[0], schedule, steps, generator, device=device, x0_first=x0_first,
+                order_noise=None if noise is None else noise[s : s + f.shape[0]])
         out = out.view(n_samples, n, -1)
         std = out.std(0, unbiased=False) if n_samples > 1 else torch.zeros(n, out.shape[-1], device=device)
         return out.mean(0), std
