@@ -189,3 +189,31 @@ def test_input_px_encodes_at_native_size_only_for_any_size_encoders(tmp_path):
     register_encoder("fixed-size-test", FixedSize, 6)
     with pytest.raises(InputError, match="fixed-size-test"):
         extract_features(path, xy, patch_px=8, encoder="fixed-size-test", input_px=8, show_progress=False)
+
+
+def test_cache_checksum_catches_silent_corruption_and_pickles_are_never_loaded(tmp_path: Path, img_path: Path,
+                                                                               counting) -> None:
+    """A cache file whose values changed but whose shape did not (a flipped bit) fails its SHA-256 and is
+    rebuilt; a pickled object array planted under the cache key is refused without running its payload."""
+    centres = np.array([[20.0, 30.0], [5.0, 5.0], [40.0, 12.5]])
+    kw = dict(patch_px=16, encoder="counting", cache_dir=tmp_path / "cache", show_progress=False)
+    a = extract_features(img_path, centres, **kw)
+    cache = feature_cache_path(tmp_path / "cache", img_path, centres, 16, "counting", False)
+    assert cache.with_name(cache.name + ".sha256").is_file()
+    np.save(cache, a + 1.0, allow_pickle=False)  # plausible, finite, right shape: only the checksum knows
+    before = counting.calls
+    np.testing.assert_array_equal(extract_features(img_path, centres, **kw), a)
+    assert counting.calls == before + 3
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    with open(cache, "wb") as fh:  # an object array: np.load would unpickle it with allow_pickle=True
+        np.save(fh, np.array([Payload()], dtype=object), allow_pickle=True)
+    cache.with_name(cache.name + ".sha256").unlink()  # as if written before checksums existed
+    before = counting.calls
+    np.testing.assert_array_equal(extract_features(img_path, centres, **kw), a)
+    assert counting.calls == before + 3 and not marker.exists()

@@ -132,7 +132,8 @@ def fit(test_section: str = typer.Option(..., "--test-section", help="held-out s
 @app.command()
 def predict(model: Path = typer.Option(..., "--model", help="RUN_DIR written by `stgen fit`"),
             image: Path = typer.Option(..., "--image", help="H&E slide: JPEG/PNG, (pyramidal) TIFF/OME-TIFF, or "
-                                       "SVS/NDPI/MRXS with OpenSlide; read lazily"),
+                                       "SVS/NDPI/MRXS with OpenSlide; read lazily. A folder or a .txt list of slides "
+                                       "predicts each bare slide into --out/<stem>.h5ad, skipping current outputs"),
             spots: Optional[Path] = typer.Option(
                 None, "--spots", help="spot positions: Her2ST *_selection.tsv, CSV barcode,pixel_x,pixel_y, or .h5ad "
                 "with obsm['spatial'] (full-resolution px). Without it: bare slide - tissue is detected (Otsu) and "
@@ -148,6 +149,8 @@ def predict(model: Path = typer.Option(..., "--model", help="RUN_DIR written by 
                                                 "uncertainty over the slide thumbnail"),
             genes: Optional[str] = typer.Option(None, "--genes", help="comma-separated genes for --maps (default: "
                                                 "the 4 most variable predictions)"),
+            shard: str = typer.Option("0/1", "--shard", help="several slides (--image FOLDER or LIST.txt): take slides "
+                                      "K, K+N, ... of K/N, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT"),
             samples: Optional[int] = typer.Option(None, "--samples", help="samples averaged (default: the run's; HINGE 10, FLAG 10)"),
             steps: Optional[int] = typer.Option(None, "--steps", help="HINGE: unmasking steps K <= T (default 5); "
                                                 "FLAG: Heun steps (default 10)"),
@@ -167,6 +170,27 @@ def predict(model: Path = typer.Option(..., "--model", help="RUN_DIR written by 
         except (ValueError, AssertionError):
             _run(_raise, f"--grid-origin must be X,Y in full-resolution pixels, got {grid_origin!r}")
     gene_list = [g.strip() for g in genes.split(",") if g.strip()] if genes else None
+    if image.is_dir() or image.suffix == ".txt":  # several slides -> --out is a folder of <stem>.h5ad
+        from .pipeline import predict_slides
+
+        if spots is not None:
+            _run(_raise, "--spots predicts one slide: with a folder or list of slides, predict bare slides")
+        try:
+            k, n = (int(v) for v in shard.split("/"))
+        except ValueError:
+            k, n = -1, -1
+        status = _run(predict_slides, model, image, out, shard=(k, n), seed=seed, progress=not quiet,
+                      samples=samples, steps=steps, cache_dir=cache, batch_size=batch_size, device=device,
+                      precision=precision, mpp=mpp, min_tissue=min_tissue, maps_dir=maps, genes=gene_list)
+        failed = {s_: v for s_, v in status.items() if v.startswith("failed")}
+        counts = {v: sum(1 for x in status.values() if x == v) for v in ("done", "skipped")}
+        typer.echo(f"{counts['done']} slide(s) predicted, {counts['skipped']} already current, {len(failed)} failed "
+                   f"-> {out}")
+        for s_, v in failed.items():
+            typer.echo(f"error: {s_}: {v.removeprefix('failed: ')}", err=True)
+        if failed:
+            raise typer.Exit(code=2)
+        return
     a = _run(_predict, model, image, spots, out, samples=samples, steps=steps, cache_dir=cache, seed=seed,
              progress=not quiet, batch_size=batch_size, device=device, precision=precision, mpp=mpp,
              grid_origin=origin, min_tissue=min_tissue, maps_dir=maps, genes=gene_list)

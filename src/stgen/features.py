@@ -11,6 +11,7 @@ average-pooled features.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from tqdm.auto import tqdm
 from stgen.errors import InputError
 from stgen.io import atomic_path, sha256_file, sha256_json
 from stgen.slide import open_slide
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "FEATURE_CODE_VERSION",
@@ -298,16 +301,42 @@ def feature_cache_path(
     return Path(cache_dir) / "features" / f"{key}.npy"
 
 
+def _checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
 def _load_cached(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
+    """The cached features at ``path``, or None when they must be (re)computed.
+
+    A cache file is trusted only when its bytes match the SHA-256 written beside it (``<key>.npy.sha256``)
+    and it holds a finite float32 ``shape`` array, read without pickle. A corrupted, truncated or
+    misshapen file is logged and recomputed. A file from before the checksums (no ``.sha256``) that
+    passes the array checks gets its checksum written now.
+    """
     if not path.is_file():
+        return None
+    sums = _checksum_path(path)
+    want = sums.read_text().strip() if sums.is_file() else None
+    if want is not None and sha256_file(path) != want:
+        log.warning("feature cache %s does not match its checksum: recomputing", path)
         return None
     try:
         arr = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError):
+        log.warning("feature cache %s is unreadable: recomputing", path)
         return None
     if arr.shape != shape or arr.dtype != np.float32 or not np.isfinite(arr).all():
+        log.warning("feature cache %s holds %s %s, expected finite float32 %s: recomputing", path, arr.dtype,
+                    arr.shape, shape)
         return None
+    if want is None:
+        _write_checksum(path)
     return arr
+
+
+def _write_checksum(path: Path) -> None:
+    with atomic_path(_checksum_path(path)) as tmp:
+        tmp.write_text(sha256_file(path) + "\n")
 
 
 # --------------------------------------------------------------------------- extraction
@@ -403,4 +432,5 @@ def extract_features(
         with atomic_path(cache_file) as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, out, allow_pickle=False)
+        _write_checksum(cache_file)
     return out

@@ -136,11 +136,9 @@ def get_backbone(
     key = sha256_json({"format": BACKBONE_FORMAT, "corpus": corpus, "pretrain": cfg.pretrain.__dict__,
                        "transform": cfg.data.transform})[:16]
     bdir = cache_dir / "backbones" / key
-    if (bdir / "backbone.json").is_file() and (bdir / "backbone.safetensors").is_file():
-        meta = yaml.safe_load((bdir / "backbone.json").read_text())
-        bb = ExpressionBackbone(meta["genes"], BackboneConfig(**meta["config"]))
-        bb.load_state_dict(load_file(bdir / "backbone.safetensors"), strict=True)
-        return bb.eval(), meta
+    cached = _load_cached_backbone(bdir)
+    if cached is not None:
+        return cached
     t0 = time.time()
     vocab = set(load_vocabulary())
     adatas = [ds.counts(s) for s in corpus]
@@ -167,8 +165,29 @@ def get_backbone(
             "pretrain_seconds": round(time.time() - t0, 1), **hist}
     with atomic_dir(bdir) as tmp:
         save_file(bb.state_dict(), tmp / "backbone.safetensors")
+        meta["safetensors_sha256"] = sha256_file(tmp / "backbone.safetensors")
         write_json(tmp / "backbone.json", meta)
     return bb, meta
+
+
+def _load_cached_backbone(bdir: Path) -> tuple[ExpressionBackbone, dict] | None:
+    """The cached pre-trained backbone in ``bdir``, or None when it must be rebuilt: missing, unreadable,
+    not matching its recorded SHA-256 (caches written before the checksum are checked by loading only),
+    or not matching its own config. Never unpickles (JSON + safetensors)."""
+    meta_path, weights = bdir / "backbone.json", bdir / "backbone.safetensors"
+    if not (meta_path.is_file() and weights.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        want = meta.get("safetensors_sha256")
+        if want is not None and sha256_file(weights) != want:
+            raise ValueError("weights do not match their SHA-256")
+        bb = ExpressionBackbone(meta["genes"], BackboneConfig(**meta["config"]))
+        bb.load_state_dict(load_file(weights), strict=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        log.warning("backbone cache %s is corrupted (%s): rebuilding it", bdir, e)
+        return None
+    return bb.eval(), meta
 
 
 def _panel_backbone(data_dir: Path, cfg: StgenConfig, cache_dir: Path, evaluated: Sequence[str], panel: list[str],
@@ -849,10 +868,79 @@ def sampler_defaults(meta: dict) -> dict:
     return meta.get("sampler") or meta.get(meta["model"], {}) or {}
 
 
-def prediction_is_current(pred_path: str | Path, run_dir: str | Path, seed: int = 0) -> bool:
+def list_slides(source: str | Path) -> list[Path]:
+    """Slides of a multi-slide prediction: the image files of a folder (sorted; ``.tif``, ``.svs``,
+    ``.jpg``, ...), or the paths listed one per line in a text file (relative to the file; ``#`` comments).
+    InputError when there is none, a listed file is missing, or two slides share a file stem."""
+    from .data.readers import IMAGE_SUFFIXES
+
+    source = Path(source)
+    if source.is_dir():
+        slides = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in
+                        (*IMAGE_SUFFIXES, ".mrxs", ".scn"))
+    elif source.is_file():
+        try:
+            lines = source.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"{source}: cannot read the slide list ({e})") from e
+        slides = [(source.parent / ln.strip()) for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+        missing = [str(p) for p in slides if not p.is_file()]
+        if missing:
+            raise InputError(f"{source}: {len(missing)} listed slide(s) do not exist, e.g. {missing[:3]}")
+    else:
+        raise InputError(f"{source}: no such folder or slide list")
+    if not slides:
+        raise InputError(f"{source}: no slides found")
+    stems = pd.Series([p.stem for p in slides])
+    if stems.duplicated().any():
+        raise InputError(f"{source}: slides share the name {stems[stems.duplicated()].iloc[0]!r} (outputs are "
+                         f"named <stem>.h5ad)")
+    return slides
+
+
+def predict_slides(run_dir: str | Path, slides: str | Path, out_dir: str | Path, shard: tuple[int, int] = (0, 1),
+                   seed: int = 0, progress: bool = True, **kwargs) -> dict[str, str]:
+    """Bare-slide :func:`predict` of many slides into ``out_dir/<stem>.h5ad`` (maps in ``<stem>_maps/`` when
+    ``maps_dir`` is given), resumable and shardable.
+
+    A slide whose output is current (same fit - the SHA-256 of ``run.json`` -, seed, default sampler and
+    image: :func:`prediction_is_current`) is skipped, so a killed job re-run with the same command only does
+    what is left. ``shard = (k, n)`` takes slides ``k, k + n, k + 2n, ...`` of the sorted list: on a cluster,
+    a job array runs the same command with ``--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT`` (the
+    scheduler distributes the work; every output is written atomically). Returns ``{slide: status}`` with
+    status ``done``, ``skipped`` or ``failed: <error>`` (an InputError of one slide does not stop the others;
+    the caller reports them). ``kwargs`` go to :func:`predict` (``mpp``, ``samples``, ``maps_dir``, ...).
+    """
+    k, n = shard
+    if not (isinstance(k, int) and isinstance(n, int) and n >= 1 and 0 <= k < n):
+        raise InputError(f"--shard must be K/N with 0 <= K < N, got {k}/{n}")
+    todo = list_slides(slides)[k::n]
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out {out_dir}: not a folder (several slides are predicted into a folder)")
+    maps = kwargs.pop("maps_dir", None)
+    status: dict[str, str] = {}
+    from tqdm.auto import tqdm
+
+    for img in tqdm(todo, desc=f"slides (shard {k}/{n})", unit="slide", disable=not progress):
+        out = out_dir / f"{img.stem}.h5ad"
+        if prediction_is_current(out, run_dir, seed=seed, image=img):
+            status[str(img)] = "skipped"
+            continue
+        try:
+            predict(run_dir, img, None, out, seed=seed, progress=False,
+                    maps_dir=Path(maps) / img.stem if maps is not None else None, **kwargs)
+            status[str(img)] = "done"
+        except InputError as e:
+            status[str(img)] = f"failed: {e}"
+    return status
+
+
+def prediction_is_current(pred_path: str | Path, run_dir: str | Path, seed: int = 0,
+                          image: str | Path | None = None) -> bool:
     """True when ``pred_path`` exists and was written by :func:`predict` from the current fit in ``run_dir``
     with the run's default steps/samples and sampling seed ``seed`` (its ``uns['stgen']['run_sha256']``
-    matches ``run.json``)."""
+    matches ``run.json``), and, when ``image`` is given, from that image."""
     pred_path, meta_path = Path(pred_path), Path(run_dir) / "run.json"
     if not (pred_path.is_file() and meta_path.is_file()):
         return False
@@ -864,7 +952,9 @@ def prediction_is_current(pred_path: str | Path, run_dir: str | Path, seed: int 
     h = sampler_defaults(meta)
     defaults = info.get("model") not in GENERATIVE or (
         int(info.get("steps", -1)) == int(h.get("steps", -2)) and int(info.get("samples", -1)) == int(h.get("samples", -2)))
-    return info.get("run_sha256") == sha256_file(meta_path) and int(info.get("seed", -1)) == int(seed) and defaults
+    same_image = image is None or info.get("image") == str(image)
+    return (info.get("run_sha256") == sha256_file(meta_path) and int(info.get("seed", -1)) == int(seed) and defaults
+            and same_image)
 
 
 def predict_or_reuse(
