@@ -115,7 +115,9 @@ def test_default_config_gives_the_same_forward_as_before():
 
 
 def test_default_training_is_unchanged():
-    """A short train_hinge run reproduces the numbers recorded before the switches were added."""
+    """A short train_hinge run reproduces recorded numbers: the ablation switches at their defaults change
+    nothing. (Re-recorded when training's data order and masking noise became functions of (seed, epoch) so
+    that a resumed fit is bit-identical: val MSE 1.805 -> 1.820 on this toy run.)"""
     feats, y = _toy()
     torch.manual_seed(5)
     model = HINGE(ExpressionBackbone(PANEL, CFG), PANEL, feat_dim=6, T=10)
@@ -124,9 +126,9 @@ def test_default_training_is_unchanged():
     hist = train_hinge(model, feats.numpy(), y.numpy(), cfg, MaskSchedule(12, T=10), progress=False)
     m, s = model.generate(feats[:8], MaskSchedule(12, T=10), steps=3, n_samples=2,
                           generator=torch.Generator().manual_seed(0))
-    assert hist["best_val_mse"] == pytest.approx(1.8052599002153447, rel=1e-4)
-    assert m.sum().item() == pytest.approx(100.78666687011719, rel=1e-4)
-    assert s.sum().item() == pytest.approx(3.1017701625823975, rel=1e-3)
+    assert hist["best_val_mse"] == pytest.approx(1.8202399229392028, rel=1e-4)
+    assert m.sum().item() == pytest.approx(137.3605499267578, rel=1e-4)
+    assert s.sum().item() == pytest.approx(19.411014556884766, rel=1e-3)
 
 
 # ---------------------------------------------------------------- registry

@@ -340,3 +340,7 @@ def _raise(msg: str) -> None:
 
 def main() -> None:  # pragma: no cover
     app(sys.argv[1:])
+
+
+if __name__ == "__main__":  # python -m stgen.cli
+    main()
