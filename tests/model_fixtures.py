@@ -85,3 +85,15 @@ def save_and_load(model: SpotModel, cfg, tmp_path: Path, name: str = "model") ->
     (tmp_path / f"{name}.json").write_text(json.dumps(meta))
     return type(model).from_state(load_file(str(tmp_path / f"{name}.safetensors")),
                                   json.loads((tmp_path / f"{name}.json").read_text()), cfg)
+
+
+def flag_toy_sections(n_sections: int = 2, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``[(feats (30, 6), xy (30, 2) px on a 100-px grid, targets (30, 10))]``: FLAG's training sections for the
+    resume and DDP tests; the targets follow the first feature, plus noise."""
+    rng = np.random.default_rng(seed)
+    sections = []
+    for _ in range(n_sections):
+        xy = np.stack(np.meshgrid(np.arange(6), np.arange(5)), -1).reshape(-1, 2) * 100.0
+        f = rng.normal(size=(len(xy), 6))
+        sections.append((f, xy, 2.0 + f[:, :1] * np.linspace(-1, 1, 10)[None] + 0.1 * rng.normal(size=(len(xy), 10))))
+    return sections

@@ -29,6 +29,7 @@ from stgen.masking import MaskSchedule
 from stgen.models.backbone import BackboneConfig, ExpressionBackbone
 from stgen.models.flag import FLAG, FlagConfig
 from stgen.models.hinge import HINGE, HingeConfig
+from model_fixtures import flag_toy_sections
 
 GENES = [f"G{i}" for i in range(12)]
 
@@ -51,12 +52,7 @@ def hinge(devices, strategy):
 
 
 def flag(devices, strategy):
-    rng = np.random.default_rng(0)
-    sections = []
-    for _ in range(2):
-        xy = np.stack(np.meshgrid(np.arange(6), np.arange(5)), -1).reshape(-1, 2) * 100.0
-        f = rng.normal(size=(len(xy), 6))
-        sections.append((f, xy, 2.0 + f[:, :1] * np.linspace(-1, 1, 10)[None] + 0.1 * rng.normal(size=(len(xy), 10))))
+    sections = flag_toy_sections()
     tiny = dict(dim=16, graph_layers=1, graph_heads=2, dit_layers=2, dit_heads=2, mlp_ratio=2.0, align_layer=1)
     torch.manual_seed(0)
     model = FLAG(FlagConfig(**tiny), 10, 6, torch.randn(10, 8))
@@ -87,7 +83,9 @@ def _load_script(path: Path):
 
 def _run(tmp_path: Path, which: str, devices: int, strategy: str) -> Path:
     out = tmp_path / f"{which}-{devices}-{strategy}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    tests = str(Path(__file__).resolve().parent)  # the script imports model_fixtures
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)}
     env.pop("PYTEST_CURRENT_TEST", None)
     r = subprocess.run([sys.executable, str(tmp_path / "ddp_script.py"), which, str(devices), strategy, str(out)],
                        env=env, capture_output=True, timeout=300, cwd=tmp_path)

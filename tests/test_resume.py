@@ -27,6 +27,7 @@ from stgen.models.backbone import BackboneConfig, ExpressionBackbone
 from stgen.models.flag import FLAG, FlagConfig
 from stgen.models.hinge import HINGE
 from test_ablation import _synthetic_her2st  # imaged A1-A3, expression-only B1, B2
+from model_fixtures import flag_toy_sections
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -103,12 +104,7 @@ def test_hinge_resume_is_identical_to_an_uninterrupted_fit(tmp_path, monkeypatch
 
 
 def _flag_fit(ckpt_dir: Path, resume: bool = False):
-    rng = np.random.default_rng(0)
-    sections = []
-    for _ in range(2):
-        xy = np.stack(np.meshgrid(np.arange(6), np.arange(5)), -1).reshape(-1, 2) * 100.0
-        f = rng.normal(size=(len(xy), 6))
-        sections.append((f, xy, 2.0 + f[:, :1] * np.linspace(-1, 1, 10)[None] + 0.1 * rng.normal(size=(len(xy), 10))))
+    sections = flag_toy_sections()
     tiny = dict(dim=16, graph_layers=1, graph_heads=2, dit_layers=2, dit_heads=2, mlp_ratio=2.0, align_layer=1,
                 dropout=0.1)  # dropout: the global RNG is reseeded per step, so it resumes exactly too
     torch.manual_seed(0)

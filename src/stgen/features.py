@@ -12,6 +12,7 @@ average-pooled features.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from stgen.errors import InputError
 from stgen.io import atomic_path, sha256_file, sha256_json
-from stgen.slide import open_slide
+from stgen.slide import Slide, open_slide
 
 log = logging.getLogger(__name__)
 
@@ -352,6 +353,7 @@ def extract_features(
     cache_dir: str | os.PathLike | None = None,
     show_progress: bool = True,
     input_px: int | None = None,
+    slide: Slide | None = None,
 ) -> np.ndarray:
     """Encode a square patch around each spot centre.
 
@@ -373,6 +375,8 @@ def extract_features(
     input_px : encode each patch resized to this side instead of the encoder's
         ``input_size`` (``input_px = patch_px``: native resolution); only for
         encoders with ``any_size`` (EfficientNet-Lite0: >= 32 px).
+    slide : ``image_path`` already opened (:func:`stgen.slide.open_slide`; not closed here), so a caller
+        that read it (e.g. for a thumbnail) does not decode a JPEG twice; default: opened here.
 
     Returns
     -------
@@ -411,7 +415,7 @@ def extract_features(
     out = np.empty((n, spec.dim), dtype=np.float32)
     desc = f"features {image_path.parent.name}/{image_path.name}"
     # a JPEG/PNG is decoded once; a tiled TIFF / WSI is read lazily, only the tiles under the patches
-    with open_slide(image_path) as slide, torch.no_grad(), \
+    with (nullcontext(slide) if slide is not None else open_slide(image_path)) as slide, torch.no_grad(), \
             tqdm(total=n, desc=desc, unit="patch", disable=not show_progress) as bar:
         for s in range(0, n, int(batch_size)):
             patches = slide.read_patches(c[s : s + batch_size], int(patch_px))

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .config import StgenConfig
 from .data.her2st import find_image, read_counts, read_spots
-from .data.readers import Dataset, as_dataset, read_anndata
+from .data.readers import GRIDS, Dataset, as_dataset, read_anndata
 from .data.panel import load_vocabulary, select_hmhvg
 from .data.targets import transform_counts
 from .errors import InputError
@@ -710,16 +710,11 @@ def _spots_from_file(spots: str | Path) -> pd.DataFrame:
     spots = Path(spots)
     if spots.suffix != ".h5ad":
         return read_spots(spots)
-    if not spots.is_file():
-        raise InputError(f"{spots}: spot file not found")
-    try:
-        a = ad.read_h5ad(spots, backed="r")
-        xy = np.asarray(a.obsm["spatial"], dtype=np.float64)
-        names = a.obs_names.astype(str).to_numpy()
-    except KeyError:
-        raise InputError(f"{spots}: no obsm['spatial'] (full-resolution spot pixel coordinates)") from None
-    except (OSError, ValueError) as e:
-        raise InputError(f"{spots}: not a readable .h5ad ({e})") from e
+    a = read_anndata(spots, "spot file")
+    if "spatial" not in a.obsm:
+        raise InputError(f"{spots}: no obsm['spatial'] (full-resolution spot pixel coordinates)")
+    xy = np.asarray(a.obsm["spatial"], dtype=np.float64)
+    names = a.obs_names.astype(str).to_numpy()
     if xy.ndim != 2 or xy.shape[1] != 2 or not np.isfinite(xy).all():
         raise InputError(f"{spots}: obsm['spatial'] must be finite (N, 2) pixel coordinates, got {xy.shape}")
     return pd.DataFrame({"pixel_x": xy[:, 0], "pixel_y": xy[:, 1]}, index=pd.Index(names, name="spot"))
@@ -790,8 +785,9 @@ def predict(
     _check_folder(maps_dir, "--maps")
     run = load_run(run_dir)
     run.cache_dir = Path(cache_dir or default_cache_dir())
-    layout = run.meta.get("spots") or {"grid": "square", "spacing_um": 200.0, "diameter_um": 100.0,
-                                       "mpp": None, "patch_um": None}
+    # runs fitted before run.json had 'spots' were trained on Her2ST (legacy ST, square grid)
+    layout = run.meta.get("spots") or {"grid": "square", "spacing_um": GRIDS["square"][0],
+                                       "diameter_um": GRIDS["square"][1], "mpp": None, "patch_um": None}
     if genes:
         missing = [g for g in genes if g not in run.panel]
         if missing:
@@ -819,11 +815,11 @@ def predict(
             grid = {"kind": layout["grid"], "spacing_um": layout["spacing_um"], "tissue_fraction": tissue.fraction,
                     "otsu_threshold": tissue.threshold, "origin": list(map(float, grid_origin or xy[0]))}
         slide_mpp = slide.mpp
-    patch_px = int(run.cfg.features.patch_px)
-    if slide_mpp is not None and layout.get("patch_um"):
-        patch_px = max(1, int(round(layout["patch_um"] / slide_mpp)))
-    run.patch_px = patch_px
-    feats = run.features().encode(image, xy)
+        patch_px = int(run.cfg.features.patch_px)
+        if slide_mpp is not None and layout.get("patch_um"):
+            patch_px = max(1, int(round(layout["patch_um"] / slide_mpp)))
+        run.patch_px = patch_px
+        feats = run.features().encode(image, xy, slide=slide)  # the open slide: a JPEG is decoded once
     mean, std = run.predict(feats, samples=samples, steps=steps, seed=seed, progress=progress,
                             batch_size=batch_size, device=device, precision=precision, xy=xy, image=image)
     is_gen = run.meta["model"] in GENERATIVE

@@ -170,8 +170,6 @@ def read_anndata(path: str | os.PathLike, what: str = "h5ad file") -> ad.AnnData
         raise InputError(f"{path}: not a readable {what} ({type(e).__name__}: {e})") from e
 
 
-_read_h5ad = read_anndata
-
 
 def _count_matrix(M: Any, where: str, hint: str = "") -> sp.csr_matrix:
     """Validate raw counts (finite, non-negative, integer) and return CSR float32."""
@@ -541,7 +539,7 @@ def _hest_obs_filter(a: ad.AnnData, path: Path) -> np.ndarray:
 def _hest_counts(root: Path, sample_id: str) -> tuple[sp.csr_matrix, pd.Index, list[str]]:
     """In-tissue raw counts, spot ids and genes of a HEST sample (no metadata needed)."""
     st, _, _ = _hest_paths(root, sample_id)
-    a = _read_h5ad(st)
+    a = read_anndata(st)
     keep = _hest_obs_filter(a, st)
     spots = _spot_ids(a.obs_names, str(st))
     X, genes = _anndata_counts(a, st)
@@ -591,7 +589,7 @@ def read_hest_sample(
     if require_image and wsi is None:
         raise InputError(f"HEST sample {sample_id!r} has no image {root / 'wsis' / (sample_id + '.tif')}")
 
-    a = _read_h5ad(st)
+    a = read_anndata(st)
     keep = _hest_obs_filter(a, st)  # out-of-tissue rows are dropped before any check
     spots = _spot_ids(a.obs_names, str(st))[keep]
     obs = a.obs.loc[keep]
@@ -1029,7 +1027,7 @@ def read_h5ad_section(
         (e.g. hires-image pixels), spots outside the image.
     """
     path = Path(path)
-    a = _read_h5ad(path)
+    a = read_anndata(path)
     meta = a.uns.get("stgen") if isinstance(a.uns.get("stgen"), dict) else {}
     section = section or _meta_str(meta, "section") or path.stem
     meta_image = _meta_str(meta, "image_path")
@@ -1354,7 +1352,7 @@ class H5adDataset(Dataset):
 
     def _counts(self, section: str) -> ad.AnnData:
         path = self.root / f"{section}.h5ad"
-        a = _read_h5ad(path)
+        a = read_anndata(path)
         X, genes = _anndata_counts(a, path)
         return _counts_anndata(X, _spot_ids(a.obs_names, str(path)), genes, section)
 

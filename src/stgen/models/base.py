@@ -97,12 +97,13 @@ class FeatureSettings:
     progress: bool = False
 
     def encode(self, image: str | Path, xy: np.ndarray, patch_px: int | None = None,
-               input_px: int | None = None) -> np.ndarray:
+               input_px: int | None = None, slide=None) -> np.ndarray:
         """(N, dim) float32 features of ``patch_px``-pixel patches (default: the spot patch) around ``xy``,
-        resized to ``input_px`` (default: the encoder's input size; see :func:`stgen.features.extract_features`)."""
+        resized to ``input_px`` (default: the encoder's input size; ``slide``: ``image`` already opened;
+        see :func:`stgen.features.extract_features`)."""
         return extract_features(image, xy, patch_px=int(patch_px or self.patch_px), encoder=self.encoder,
                                 tta=self.tta, batch_size=self.batch_size, cache_dir=self.cache_dir,
-                                show_progress=self.progress, input_px=input_px)
+                                show_progress=self.progress, input_px=input_px, slide=slide)
 
 
 class SpotModel(ABC):
