@@ -48,9 +48,9 @@ from typing import Sequence
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .config import HingeTrainConfig, StgenConfig
-from .errors import InputError
-from .io import atomic_path
+from stgen.config import HingeTrainConfig, StgenConfig
+from stgen.errors import InputError
+from stgen.io import atomic_path
 
 # group -> paper row name -> override of HingeTrainConfig fields (empty = HINGE default)
 ABLATIONS: dict[str, dict[str, dict]] = {
@@ -155,9 +155,9 @@ def apply_override(cfg: StgenConfig, override: dict, name: str = "override") -> 
 
 def validate_hinge_config(h: HingeTrainConfig, name: str = "hinge") -> None:
     """Check the ablation-relevant fields of ``h`` without training (InputError naming the value)."""
-    from .masking import MaskSchedule
-    from .models.hinge import HingeConfig
-    from .train import MASK_RATIOS
+    from stgen.masking import MaskSchedule
+    from stgen.models.hinge import HingeConfig
+    from stgen.train import MASK_RATIOS
 
     try:
         HingeConfig.from_train_config(h)
@@ -197,9 +197,9 @@ def run_ablation(
     Returns the table written to ``ablation.csv``. Every variant's config is
     validated before the first (long) fit.
     """
-    from .benchmark import _fit_or_reuse
-    from .data.her2st import list_sections
-    from .pipeline import config_hash, image_for_section, load_truth, predict_or_reuse, score_prediction
+    from stgen.benchmark import _fit_or_reuse
+    from stgen.data.her2st import list_sections
+    from stgen.pipeline import config_hash, image_for_section, load_truth, predict_or_reuse, score_prediction
 
     cfg = cfg or StgenConfig()
     data_dir, out = Path(data_dir), Path(out)

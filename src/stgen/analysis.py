@@ -47,11 +47,11 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from .errors import InputError  # noqa: E402
-from .io import atomic_dir, write_json  # noqa: E402
-from .masking import MaskSchedule, reverse_timesteps, sample_unmasking  # noqa: E402
-from .metrics import evaluate_section  # noqa: E402
-from .plots import save_figure  # noqa: E402
+from stgen.errors import InputError  # noqa: E402
+from stgen.io import atomic_dir, write_json  # noqa: E402
+from stgen.masking import MaskSchedule, reverse_timesteps, sample_unmasking  # noqa: E402
+from stgen.metrics import evaluate_section  # noqa: E402
+from stgen.plots import save_figure  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -371,7 +371,7 @@ def horizon_sweep(
         run = fit_for_T(T)
         fit_s = time.perf_counter() - t0
         if isinstance(run, (str, os.PathLike)):
-            from .pipeline import load_run
+            from stgen.pipeline import load_run
 
             run = load_run(run)
         _, schedule, h = _hinge_parts(run)
@@ -535,7 +535,7 @@ def section_truth(adata: Any, panel: Sequence[str], units: str) -> tuple[np.ndar
     """
     import scipy.sparse as sp
 
-    from .data.targets import transform_counts
+    from stgen.data.targets import transform_counts
 
     col = {str(v): j for j, v in enumerate(adata.var_names)}
     missing = [gname for gname in panel if gname not in col]
@@ -595,8 +595,8 @@ def run_step_analysis(
     -------
     The summary dict (also ``summary.json``).
     """
-    from .data.her2st import read_section
-    from .pipeline import default_cache_dir, default_data_dir, load_run, section_features
+    from stgen.data.her2st import read_section
+    from stgen.pipeline import default_cache_dir, default_data_dir, load_run, section_features
 
     run = load_run(run_dir)
     _, schedule, h = _hinge_parts(run)
@@ -684,11 +684,11 @@ def run_horizon_analysis(
     """
     import copy
 
-    from .benchmark import _fit_or_reuse
-    from .config import StgenConfig
-    from .data.her2st import read_section
-    from .io import atomic_path
-    from .pipeline import default_cache_dir, default_data_dir, load_run, section_features
+    from stgen.benchmark import _fit_or_reuse
+    from stgen.config import StgenConfig
+    from stgen.data.her2st import read_section
+    from stgen.io import atomic_path
+    from stgen.pipeline import default_cache_dir, default_data_dir, load_run, section_features
 
     Ts = [int(t) for t in Ts]
     if not Ts or min(Ts) < 1:

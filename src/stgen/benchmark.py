@@ -41,16 +41,16 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .config import StgenConfig
-from .data.her2st import list_sections
-from .downstream import domain_and_marker_scores, plot_morans_scatter, spatial_domains
-from .errors import InputError
-from .io import atomic_path
-from .metrics import morans_i_pair
-from .models.registry import GENERATIVE, expand_models
-from .pipeline import (config_hash, fit, image_for_section, load_truth, predict_or_reuse,
+from stgen.config import StgenConfig
+from stgen.data.her2st import list_sections
+from stgen.downstream import domain_and_marker_scores, plot_morans_scatter, spatial_domains
+from stgen.errors import InputError
+from stgen.io import atomic_path
+from stgen.metrics import morans_i_pair
+from stgen.models.registry import GENERATIVE, expand_models
+from stgen.pipeline import (config_hash, fit, image_for_section, load_truth, predict_or_reuse,
                        score_prediction)
-from .plots import plot_corr_heatmaps, plot_metric_bars, plot_spatial_maps
+from stgen.plots import plot_corr_heatmaps, plot_metric_bars, plot_spatial_maps
 
 log = logging.getLogger(__name__)
 

@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .errors import InputError
+from stgen.errors import InputError
 
 if TYPE_CHECKING:  # the benchmark models own their hyper-parameter dataclasses
-    from .models.bleep import BLEEPConfig
-    from .models.hifusion import HiFusionConfig
-    from .models.stem import StemConfig
-    from .models.stflow import STFlowConfig
-    from .models.stnet import STNetConfig
+    from stgen.models.bleep import BLEEPConfig
+    from stgen.models.hifusion import HiFusionConfig
+    from stgen.models.stem import StemConfig
+    from stgen.models.stflow import STFlowConfig
+    from stgen.models.stnet import STNetConfig
 
 
 def coerce_numbers(cfg: object, section: str) -> None:
@@ -215,7 +215,7 @@ def _model_section(name: str):
     (:mod:`stgen.models.registry`), imported when a configuration is built."""
 
     def make():
-        from .models.registry import spot_model
+        from stgen.models.registry import spot_model
 
         return spot_model(name).config_cls()
 

@@ -35,8 +35,8 @@ from typing import Callable
 
 import torch
 
-from .errors import InputError
-from .masking import reverse_timesteps
+from stgen.errors import InputError
+from stgen.masking import reverse_timesteps
 
 
 @dataclass(frozen=True)

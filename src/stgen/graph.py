@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from stgen.errors import InputError
 
 _BLOCK = 4096  # query rows per block of the neighbour search
 

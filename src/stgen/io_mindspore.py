@@ -65,7 +65,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from .errors import InputError
+from stgen.errors import InputError
 
 #: MindSpore ``tensor_type`` string -> numpy dtype of the stored bytes (little endian).
 #: ``BFloat16`` is stored as raw 16-bit words and up-cast to float32 on read.

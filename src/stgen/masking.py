@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .errors import InputError
+from stgen.errors import InputError
 
 SCHEDULES = ("power", "linear", "cosine")
 

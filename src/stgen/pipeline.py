@@ -29,25 +29,25 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .config import StgenConfig
-from .data.her2st import find_image, read_counts, read_spots
-from .data.readers import GRIDS, Dataset, as_dataset, read_anndata
-from .data.panel import load_vocabulary, select_hmhvg
-from .data.targets import transform_counts
-from .errors import InputError
-from .graph import build_spot_graph
-from .io import atomic_dir, atomic_path, sha256_file, sha256_json, write_json
-from .masking import MaskSchedule, spot_keys
-from .metrics import align_prediction_to_truth, evaluate_section, prediction_coords
-from .models.backbone import BackboneConfig, ExpressionBackbone
-from .models.base import FeatureSettings, SectionInput
-from .models.external import gene_token_embeddings, load_external_backbone, parse_backbone_spec
-from .models.flag import FLAG, FlagConfig
-from .models.hinge import HINGE, HingeConfig
-from .models.registry import GENERATIVE, MODELS, SPOT_MODELS, check_model, spot_model
-from .models.ridge import RidgeBaseline
-from .train import pretrain_backbone, train_flag, train_hinge
+from stgen import __version__
+from stgen.config import StgenConfig
+from stgen.data.her2st import find_image, read_counts, read_spots
+from stgen.data.readers import GRIDS, Dataset, as_dataset, read_anndata
+from stgen.data.panel import load_vocabulary, select_hmhvg
+from stgen.data.targets import transform_counts
+from stgen.errors import InputError
+from stgen.graph import build_spot_graph
+from stgen.io import atomic_dir, atomic_path, sha256_file, sha256_json, write_json
+from stgen.masking import MaskSchedule, spot_keys
+from stgen.metrics import align_prediction_to_truth, evaluate_section, prediction_coords
+from stgen.models.backbone import BackboneConfig, ExpressionBackbone
+from stgen.models.base import FeatureSettings, SectionInput
+from stgen.models.external import gene_token_embeddings, load_external_backbone, parse_backbone_spec
+from stgen.models.flag import FLAG, FlagConfig
+from stgen.models.hinge import HINGE, HingeConfig
+from stgen.models.registry import GENERATIVE, MODELS, SPOT_MODELS, check_model, spot_model
+from stgen.models.ridge import RidgeBaseline
+from stgen.train import pretrain_backbone, train_flag, train_hinge
 
 log = logging.getLogger(__name__)
 
@@ -404,7 +404,7 @@ class _PartialRun:
     """
 
     def __init__(self, out: Path, ident: dict, resume: bool, devices: dict) -> None:
-        from .train import check_trainer_options, is_launch_zero
+        from stgen.train import check_trainer_options, is_launch_zero
 
         if out.name in ("", ".", ".."):
             raise InputError(f"--out {str(out)!r}: not a valid RUN_DIR name")
@@ -471,7 +471,7 @@ class _PartialRun:
         import shutil
         import tempfile
 
-        from .train import training_context
+        from stgen.train import training_context
 
         resume_from = self.last if self.resume and self.last.is_file() else None
         if not self.writer:
@@ -534,11 +534,11 @@ class _PartialRun:
         finally:
             if self._lock is not None:
                 self._lock.close()
-        from .errors import StgenError
+        from stgen.errors import StgenError
 
         if exc is not None and not isinstance(exc, StgenError):
             try:
-                from .io import OutputError, _disk_full
+                from stgen.io import OutputError, _disk_full
             except ImportError:
                 return False
             if _disk_full(exc):  # as stgen.io.atomic_dir reports it
@@ -775,9 +775,9 @@ def predict(
     InputError : unreadable/truncated image, no mpp where one is needed, spots outside the image or in
         the wrong coordinate scale, no tissue, genes not in the panel, and the run's own errors.
     """
-    from .data.readers import check_spot_scale
-    from .slide import open_slide
-    from .tissue import detect_tissue, lay_spot_grid
+    from stgen.data.readers import check_spot_scale
+    from stgen.slide import open_slide
+    from stgen.tissue import detect_tissue, lay_spot_grid
 
     t_start = time.perf_counter()
     if not -(2**63) <= int(seed) < 2**63:
@@ -850,7 +850,7 @@ def predict(
     with atomic_path(out, suffix=".h5ad") as tmp:
         adata.write_h5ad(tmp)
     if maps_dir is not None:
-        from .plots import plot_slide_maps
+        from stgen.plots import plot_slide_maps
 
         plot_slide_maps(adata, maps_dir, genes=genes)
     return adata
@@ -868,7 +868,7 @@ def list_slides(source: str | Path) -> list[Path]:
     """Slides of a multi-slide prediction: the image files of a folder (sorted; ``.tif``, ``.svs``,
     ``.jpg``, ...), or the paths listed one per line in a text file (relative to the file; ``#`` comments).
     InputError when there is none, a listed file is missing, or two slides share a file stem."""
-    from .data.readers import IMAGE_SUFFIXES
+    from stgen.data.readers import IMAGE_SUFFIXES
 
     source = Path(source)
     if source.is_dir():
@@ -1049,7 +1049,7 @@ def evaluate_prediction(pred_path: str | Path, truth_path: str | Path, out: str 
     metrics = score_prediction(pred, truth, label).metrics
     metrics.update(units=units, prediction=str(pred_path), truth=str(truth_path), model=info.get("model"))
     if downstream_dir is not None:
-        from .downstream import run_downstream
+        from stgen.downstream import run_downstream
 
         try:
             metrics["downstream"] = run_downstream(pred, truth, out_dir=downstream_dir)

@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from .data.readers import GRIDS  # (spacing_um, diameter_um) of 'square' (legacy ST) and 'hex' (Visium)
-from .errors import InputError
+from stgen.data.readers import GRIDS  # (spacing_um, diameter_um) of 'square' (legacy ST) and 'hex' (Visium)
+from stgen.errors import InputError
 
 __all__ = ["GRIDS", "MAX_GRID_SPOTS", "TissueMask", "detect_tissue", "lay_spot_grid"]
 

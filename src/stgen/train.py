@@ -87,15 +87,15 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, TensorDataset
 
-from .config import FlagTrainConfig, HingeTrainConfig, PretrainConfig
-from .errors import InputError, StgenError
-from .gaussian import GaussianSchedule, gaussian_loss, q_sample
-from .graph import SpotGraph
-from .masking import MaskSchedule, forward_mask, uniform_ratio_mask
-from .models.backbone import BackboneConfig, ExpressionBackbone
-from .models.flag import FLAG
-from .models.hinge import HINGE
-from .vesde import WEIGHTINGS, dsm_loss
+from stgen.config import FlagTrainConfig, HingeTrainConfig, PretrainConfig
+from stgen.errors import InputError, StgenError
+from stgen.gaussian import GaussianSchedule, gaussian_loss, q_sample
+from stgen.graph import SpotGraph
+from stgen.masking import MaskSchedule, forward_mask, uniform_ratio_mask
+from stgen.models.backbone import BackboneConfig, ExpressionBackbone
+from stgen.models.flag import FLAG
+from stgen.models.hinge import HINGE
+from stgen.vesde import WEIGHTINGS, dsm_loss
 
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*GPU available but not used.*")

@@ -55,7 +55,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .errors import InputError
+from stgen.errors import InputError
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 WEIGHTINGS = ("ve", "edm")

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import InputError
+from stgen.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ..errors import InputError
-from ..features import extract_features
+from stgen.errors import InputError
+from stgen.features import extract_features
 
 __all__ = ["SectionInput", "FeatureSettings", "SpotModel", "check_training_sections", "check_predict_section",
            "resolve_count"]

@@ -58,11 +58,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..config import check_ranges, coerce_numbers
-from ..errors import InputError
-from ..train import BestWeights, _trainer, mean_or_nan, split_validation
-from .base import FeatureSettings, SectionInput, SpotModel, check_training_sections
-from .hinge import floored_std
+from stgen.config import check_ranges, coerce_numbers
+from stgen.errors import InputError
+from stgen.train import BestWeights, _trainer, mean_or_nan, split_validation
+from stgen.models.base import FeatureSettings, SectionInput, SpotModel, check_training_sections
+from stgen.models.hinge import floored_std
 
 __all__ = ["BLEEPConfig", "ProjectionHead", "BLEEPNet", "bleep_loss", "BLEEP"]
 

@@ -120,10 +120,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import InputError
-from ..io import atomic_path, write_json
-from ..io_mindspore import index_mindspore_ckpt, read_mindspore_ckpt
-from .backbone import modulated
+from stgen.errors import InputError
+from stgen.io import atomic_path, write_json
+from stgen.io_mindspore import index_mindspore_ckpt, read_mindspore_ckpt
+from stgen.models.backbone import modulated
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ..errors import InputError
-from ..io import sha256_file
+from stgen.errors import InputError
+from stgen.io import sha256_file
 
 KINDS = ("default", "cellfm", "scgpt")
 
@@ -69,11 +69,11 @@ def load_external_backbone(kind: str, path: Path, expect_sha256: str | None = No
     if expect_sha256 is not None and digest != expect_sha256:
         raise InputError(f"{wf} changed since the run was trained (SHA-256 {digest[:12]}... != {expect_sha256[:12]}...)")
     if kind == "cellfm":
-        from .cellfm import load_cellfm
+        from stgen.models.cellfm import load_cellfm
 
         bb = load_cellfm(path)
     elif kind == "scgpt":
-        from .scgpt import load_scgpt
+        from stgen.models.scgpt import load_scgpt
 
         bb = load_scgpt(path)
     else:
@@ -96,9 +96,9 @@ def gene_token_embeddings(backbone: nn.Module, genes: Sequence[str]) -> torch.Te
     ``gene_index``, which raises InputError naming genes missing from its
     vocabulary. InputError for any other backbone type.
     """
-    from .backbone import ExpressionBackbone
-    from .cellfm import CellFMBackbone
-    from .scgpt import ScGPTBackbone
+    from stgen.models.backbone import ExpressionBackbone
+    from stgen.models.cellfm import CellFMBackbone
+    from stgen.models.scgpt import ScGPTBackbone
 
     if isinstance(backbone, ExpressionBackbone):
         table = backbone.gene_emb.weight

@@ -52,10 +52,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import InputError
-from ..graph import SpotGraph
-from ..vesde import VESDE, heun_sample, masked_mean
-from .hinge import floored_std, timestep_embedding
+from stgen.errors import InputError
+from stgen.graph import SpotGraph
+from stgen.vesde import VESDE, heun_sample, masked_mean
+from stgen.models.hinge import floored_std, timestep_embedding
 
 
 @dataclass(frozen=True)

@@ -94,12 +94,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..config import check_ranges, coerce_numbers
-from ..errors import InputError
-from ..train import BestWeights, WarmupEarlyStopping, _trainer, split_validation
-from .base import FeatureSettings, SectionInput, SpotModel, check_training_sections
-from .flag import GEGLU
-from .hinge import floored_std
+from stgen.config import check_ranges, coerce_numbers
+from stgen.errors import InputError
+from stgen.train import BestWeights, WarmupEarlyStopping, _trainer, split_validation
+from stgen.models.base import FeatureSettings, SectionInput, SpotModel, check_training_sections
+from stgen.models.flag import GEGLU
+from stgen.models.hinge import floored_std
 
 __all__ = [
     "HiFusionConfig",

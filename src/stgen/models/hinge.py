@@ -42,12 +42,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..errors import InputError
-from ..gaussian import GaussianSchedule, ddim_sample
-from ..masking import MaskSchedule, sample_unmasking, spot_uniforms
-from .backbone import ExpressionBackbone
-from .lora import add_lora
-from .softadaln import SoftAdaLN
+from stgen.errors import InputError
+from stgen.gaussian import GaussianSchedule, ddim_sample
+from stgen.masking import MaskSchedule, sample_unmasking, spot_uniforms
+from stgen.models.backbone import ExpressionBackbone
+from stgen.models.lora import add_lora
+from stgen.models.softadaln import SoftAdaLN
 
 ADAPTATIONS = ("hinge", "scratch", "decoder_tune", "lora")
 OBJECTIVES = ("mask", "gauss")
@@ -281,8 +281,8 @@ def random_init_like_(backbone: nn.Module) -> nn.Module:
     :class:`ExpressionBackbone`, CellFM (:class:`~stgen.models.cellfm.CellFMBackbone`)
     or scGPT (:class:`~stgen.models.scgpt.ScGPTBackbone`); InputError for any other type.
     """
-    from .cellfm import CellFMBackbone
-    from .scgpt import ScGPTBackbone
+    from stgen.models.cellfm import CellFMBackbone
+    from stgen.models.scgpt import ScGPTBackbone
 
     if isinstance(backbone, ExpressionBackbone):
         fresh = ExpressionBackbone(backbone.genes, backbone.config)

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import InputError
+from stgen.errors import InputError
 
 
 class LoRALinear(nn.Module):

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import importlib
 
-from ..errors import InputError
-from .base import SpotModel
+from stgen.errors import InputError
+from stgen.models.base import SpotModel
 
 #: name -> (module, class) of the SpotModel benchmark models
 SPOT_MODELS: dict[str, tuple[str, str]] = {

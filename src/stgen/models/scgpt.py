@@ -88,8 +88,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import InputError
-from .backbone import modulated
+from stgen.errors import InputError
+from stgen.models.backbone import modulated
 
 log = logging.getLogger(__name__)
 

@@ -69,14 +69,14 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from tqdm.auto import tqdm
 
-from ..config import check_ranges, coerce_numbers
-from ..errors import InputError
-from ..gaussian import ddim_sample, q_sample
-from ..train import SampledValidationMSE, _trainer, split_validation
-from .base import (FeatureSettings, SectionInput, SpotModel, check_predict_section, check_training_sections,
+from stgen.config import check_ranges, coerce_numbers
+from stgen.errors import InputError
+from stgen.gaussian import ddim_sample, q_sample
+from stgen.train import SampledValidationMSE, _trainer, split_validation
+from stgen.models.base import (FeatureSettings, SectionInput, SpotModel, check_predict_section, check_training_sections,
                    resolve_count)
-from .flag import DiTBlock, FinalLayer, _zero_linear
-from .hinge import floored_std, timestep_embedding
+from stgen.models.flag import DiTBlock, FinalLayer, _zero_linear
+from stgen.models.hinge import floored_std, timestep_embedding
 
 __all__ = ["StemConfig", "LinearSchedule", "StemNet", "Stem"]
 

@@ -80,14 +80,14 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..config import check_ranges, coerce_numbers
-from ..errors import InputError
-from ..graph import SpotGraph, build_spot_graph
-from ..train import FlagCrops, SampledValidationMSE, _trainer, split_validation
-from .base import (FeatureSettings, SectionInput, SpotModel, check_predict_section, check_training_sections,
+from stgen.config import check_ranges, coerce_numbers
+from stgen.errors import InputError
+from stgen.graph import SpotGraph, build_spot_graph
+from stgen.train import FlagCrops, SampledValidationMSE, _trainer, split_validation
+from stgen.models.base import (FeatureSettings, SectionInput, SpotModel, check_predict_section, check_training_sections,
                    resolve_count)
-from .flag import GEGLU, EdgeBiasedGraphAttention
-from .hinge import floored_std, timestep_embedding
+from stgen.models.flag import GEGLU, EdgeBiasedGraphAttention
+from stgen.models.hinge import floored_std, timestep_embedding
 
 __all__ = ["STFlowConfig", "STFlowNet", "STFlow", "fit_zinb", "distance_graph"]
 

@@ -60,13 +60,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import check_ranges, coerce_numbers
-from ..errors import InputError
-from ..features import IMAGENET_MEAN, IMAGENET_STD
-from ..patches import extract_patches, open_image
-from ..train import BestWeights, _trainer, mean_or_nan, split_validation
-from .base import FeatureSettings, SectionInput, SpotModel, check_training_sections
-from .hinge import floored_std
+from stgen.config import check_ranges, coerce_numbers
+from stgen.errors import InputError
+from stgen.features import IMAGENET_MEAN, IMAGENET_STD
+from stgen.patches import extract_patches, open_image
+from stgen.train import BestWeights, _trainer, mean_or_nan, split_validation
+from stgen.models.base import FeatureSettings, SectionInput, SpotModel, check_training_sections
+from stgen.models.hinge import floored_std
 
 __all__ = ["STNetConfig", "TinyCNN", "EfficientNetTrunk", "STNetNet", "build_trunk", "load_patches",
            "dihedral", "STNet", "ARCHS"]
