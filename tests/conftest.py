@@ -1,9 +1,15 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures. The tests mirror the package (tests/<layer>/); the shared fixture modules
+(``model_fixtures``, ``reader_fixtures``) live here and are importable from every folder."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.fixture

@@ -79,12 +79,12 @@ def assert_seed_fixes_samples(model: SpotModel, section: SectionInput, features:
 
 def save_and_load(model: SpotModel, cfg, tmp_path: Path, name: str = "model") -> SpotModel:
     """``model`` written as the pipeline does (tensors to ``<name>.safetensors``, meta to ``<name>.json``) and
-    rebuilt with ``from_state(tensors, meta, cfg)``."""
+    rebuilt with ``from_state(tensors, {name: meta, **run_entries()}, cfg)`` (the run meta)."""
     tensors, meta = model.state()
     save_file(tensors, str(tmp_path / f"{name}.safetensors"))
     (tmp_path / f"{name}.json").write_text(json.dumps(meta))
-    return type(model).from_state(load_file(str(tmp_path / f"{name}.safetensors")),
-                                  json.loads((tmp_path / f"{name}.json").read_text()), cfg)
+    run_meta = {type(model).name: json.loads((tmp_path / f"{name}.json").read_text()), **model.run_entries()}
+    return type(model).from_state(load_file(str(tmp_path / f"{name}.safetensors")), run_meta, cfg)
 
 
 def flag_toy_sections(n_sections: int = 2, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -97,3 +97,28 @@ def flag_toy_sections(n_sections: int = 2, seed: int = 0) -> list[tuple[np.ndarr
         f = rng.normal(size=(len(xy), 6))
         sections.append((f, xy, 2.0 + f[:, :1] * np.linspace(-1, 1, 10)[None] + 0.1 * rng.normal(size=(len(xy), 10))))
     return sections
+
+
+def synthetic_her2st(root, genes, rng):
+    """Her2ST-like folder: imaged sections A1, A2, A3 and expression-only B1, B2 (pre-training corpus)."""
+    import gzip
+
+    from PIL import Image
+
+    (root / "ST-cnts").mkdir(parents=True)
+    (root / "ST-spotfiles").mkdir()
+    spots = [(x, y) for x in range(1, 7) for y in range(1, 6)]
+    for sec in ("A1", "A2", "A3", "B1", "B2"):
+        lam = rng.gamma(2.0, 2.0, size=len(genes))
+        counts = rng.poisson(lam[None] * rng.uniform(0.3, 2.0, size=(len(spots), 1)))
+        with gzip.open(root / "ST-cnts" / f"{sec}.tsv.gz", "wt") as f:
+            f.write("\t".join(["", *genes]) + "\n")
+            for (x, y), row in zip(spots, counts):
+                f.write("\t".join([f"{x}x{y}", *map(str, row)]) + "\n")
+        rows = ["x\ty\tnew_x\tnew_y\tpixel_x\tpixel_y\tselected"]
+        rows += [f"{x}\t{y}\t{x}.0\t{y}.0\t{20 * x}\t{20 * y}\t1" for x, y in spots]
+        (root / "ST-spotfiles" / f"{sec}_selection.tsv").write_text("\n".join(rows) + "\n")
+        if sec.startswith("A"):
+            d = root / "ST-imgs" / sec[0] / sec
+            d.mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 255, size=(140, 160, 3), dtype=np.uint8)).save(d / "he.jpg")

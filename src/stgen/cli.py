@@ -17,7 +17,7 @@ from typing import Optional
 
 import typer
 
-from stgen.config import StgenConfig
+from stgen.workflows.config import StgenConfig
 from stgen.errors import StgenError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -39,7 +39,7 @@ def _run(fn, *args, **kwargs):
 
 
 def _data(data: Optional[Path]) -> Path:
-    from stgen.pipeline import default_data_dir
+    from stgen.workflows.paths import default_data_dir
 
     return data if data is not None else _run(default_data_dir)
 
@@ -49,7 +49,8 @@ def pretrain(data: Optional[Path] = DataOpt, config: Optional[Path] = ConfigOpt,
              quiet: bool = QuietOpt) -> None:
     """Pre-train (or find cached) the expression backbone by masked auto-encoding on the
     expression-only sections (every Her2ST section without an image by default)."""
-    from stgen.pipeline import default_cache_dir, get_backbone
+    from stgen.workflows.paths import default_cache_dir
+    from stgen.backbones.pretrain import get_backbone
 
     cfg = _run(StgenConfig.load, config)
     bb, meta = _run(get_backbone, _data(data), cfg, Path(cache or default_cache_dir()), progress=not quiet)
@@ -97,8 +98,8 @@ def fit(test_section: str = typer.Option(..., "--test-section", help="held-out s
     over the processes, same result as one process up to rounding; FLAG: one
     crop per process and step). Only global rank 0 writes.
     """
-    from stgen.pipeline import fit as _fit
-    from stgen.train import TrainingInterrupted, is_launch_zero
+    from stgen.workflows.fit import fit as _fit
+    from stgen.training.trainer import TrainingInterrupted, is_launch_zero
 
     cfg = _run(StgenConfig.load, config)
     if backbone is not None:
@@ -160,7 +161,7 @@ def predict(model: Path = typer.Option(..., "--model", help="RUN_DIR written by 
             precision: Optional[str] = typer.Option(None, "--precision", help="32-true | bf16-mixed | 16-mixed (default: as trained)"),
             seed: int = typer.Option(0, "--seed"), cache: Optional[Path] = CacheOpt, quiet: bool = QuietOpt) -> None:
     """Predict spot-level expression for an H&E slide (at given spots, or on a bare slide) and write an AnnData."""
-    from stgen.pipeline import predict as _predict
+    from stgen.workflows.predict import predict as _predict
 
     origin = None
     if grid_origin is not None:
@@ -171,7 +172,7 @@ def predict(model: Path = typer.Option(..., "--model", help="RUN_DIR written by 
             _run(_raise, f"--grid-origin must be X,Y in full-resolution pixels, got {grid_origin!r}")
     gene_list = [g.strip() for g in genes.split(",") if g.strip()] if genes else None
     if image.is_dir() or image.suffix == ".txt":  # several slides -> --out is a folder of <stem>.h5ad
-        from stgen.pipeline import predict_slides
+        from stgen.workflows.predict import predict_slides
 
         if spots is not None:
             _run(_raise, "--spots predicts one slide: with a folder or list of slides, predict bare slides")
@@ -209,7 +210,7 @@ def evaluate(pred: Path = typer.Option(..., "--pred", help="prediction .h5ad fro
              ) -> None:
     """PCC-50, PCC-200, MSE, MAE, GSC, SSC, RVD, SSIM and per-gene r (SSC/SSIM on the prediction's
     obsm['spatial'])."""
-    from stgen.pipeline import evaluate_prediction
+    from stgen.workflows.evaluate import evaluate_prediction
 
     m = _run(evaluate_prediction, pred, counts, out, downstream_dir=downstream_dir)
     keys = ("pcc50", "pcc200", "mse", "mae", "gsc", "ssc", "rvd", "ssim", "n_spots", "n_genes")
@@ -230,7 +231,7 @@ def benchmark(out: Path = typer.Option(..., "--out", help="REPORT_DIR"),
               data: Optional[Path] = DataOpt, config: Optional[Path] = ConfigOpt, cache: Optional[Path] = CacheOpt,
               quiet: bool = QuietOpt) -> None:
     """Leave-one-section-out over every imaged section; metrics.csv, report.md and PNG maps."""
-    from stgen.benchmark import run_benchmark
+    from stgen.workflows.benchmark import run_benchmark
 
     cfg = _run(StgenConfig.load, config)
     secs = [s.strip() for s in sections.split(",")] if sections else None
@@ -249,7 +250,7 @@ def ablate(test_section: Optional[str] = typer.Option(
            data: Optional[Path] = DataOpt, config: Optional[Path] = ConfigOpt, cache: Optional[Path] = CacheOpt,
            quiet: bool = QuietOpt) -> None:
     """HINGE ablations (paper Tables S2-S4): fit, predict and score every variant on held-out section(s)."""
-    from stgen.ablation import all_variants, run_ablation
+    from stgen.workflows.ablation import all_variants, run_ablation
 
     if list_:
         for group, name, override in all_variants():
@@ -274,7 +275,7 @@ def steps(model: Path = typer.Option(..., "--model", help="HINGE RUN_DIR written
           seed: int = typer.Option(0, "--seed"), data: Optional[Path] = DataOpt, cache: Optional[Path] = CacheOpt,
           quiet: bool = QuietOpt) -> None:
     """Step-wise analysis (HINGE Fig. S7): metrics of x0_hat(t) along a full T-step run, and metrics vs K."""
-    from stgen.analysis import run_step_analysis
+    from stgen.workflows.analysis import run_step_analysis
 
     try:
         budgets = [int(k) for k in ks.split(",") if k.strip()]
@@ -294,7 +295,7 @@ def horizon(test_section: str = typer.Option(..., "--test-section", help="held-o
             seed: int = typer.Option(0, "--seed"), data: Optional[Path] = DataOpt, config: Optional[Path] = ConfigOpt,
             cache: Optional[Path] = CacheOpt, quiet: bool = QuietOpt) -> None:
     """Masking-horizon sweep (HINGE Fig. S8): metrics vs T, one fit per T (re-used when its config matches)."""
-    from stgen.analysis import run_horizon_analysis
+    from stgen.workflows.analysis import run_horizon_analysis
 
     try:
         horizons = [int(t) for t in ts.split(",") if t.strip()]
@@ -322,7 +323,7 @@ def convert_cellfm(ckpt: Path = typer.Argument(..., help="MindSpore CellFM check
                    key_prefix: str = typer.Option("", "--key-prefix", help="prefix stripped from checkpoint names"),
                    dtype: str = typer.Option("float32", "--dtype", help="float32 | float16 | keep")) -> None:
     """Read a MindSpore CellFM .ckpt (no MindSpore needed) and write safetensors + vocabulary sidecar."""
-    from stgen.models.cellfm import convert_cellfm as _convert
+    from stgen.backbones.cellfm_convert import convert_cellfm as _convert
 
     if not ckpt.is_file():
         _run(_raise, f"checkpoint {ckpt} does not exist")

@@ -28,7 +28,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from stgen.errors import InputError
-from stgen.patches import image_size
+from stgen.image.patches import image_size
 
 __all__ = [
     "SPOT_DIAMETER_UM",

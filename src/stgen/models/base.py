@@ -30,11 +30,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from stgen.errors import InputError
-from stgen.features import extract_features
+from stgen.features.extract import extract_features
 
-__all__ = ["SectionInput", "FeatureSettings", "SpotModel", "check_training_sections", "check_predict_section",
+__all__ = ["SectionInput", "FeatureSettings", "FitContext", "SpotModel", "load_state_strict", "autocast_dtype", "check_sampler_options", "check_training_sections", "check_predict_section",
            "resolve_count"]
 
 
@@ -45,7 +46,8 @@ class SectionInput:
     Attributes
     ----------
     name : section id, e.g. ``"C2"``.
-    xy : (N, 2) float64 spot centres, full-resolution pixels (x, y).
+    xy : (N, 2) float64 spot centres, full-resolution pixels (x, y); ``None`` only for models without
+        ``needs_xy`` (HINGE without position-keyed reveal orders, ridge).
     feats : (N, F) float32 encoder features of each spot's patch.
     image : path of the full-resolution H&E image (``None`` only when a model
         needs nothing beyond ``feats``).
@@ -53,16 +55,17 @@ class SectionInput:
     """
 
     name: str
-    xy: np.ndarray
+    xy: np.ndarray | None
     feats: np.ndarray
     image: Path | None = None
     targets: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        self.xy = np.asarray(self.xy, dtype=np.float64)
         self.feats = np.asarray(self.feats, dtype=np.float32)
         n = len(self.feats)
-        if self.xy.shape != (n, 2):
+        if self.xy is not None:
+            self.xy = np.asarray(self.xy, dtype=np.float64)
+        if self.xy is not None and self.xy.shape != (n, 2):
             raise InputError(f"section {self.name}: xy must be ({n}, 2), got {self.xy.shape}")
         if self.targets is not None:
             self.targets = np.asarray(self.targets, dtype=np.float32)
@@ -106,38 +109,98 @@ class FeatureSettings:
                                 show_progress=self.progress, input_px=input_px, slide=slide)
 
 
+@dataclass
+class FitContext:
+    """What some models need beyond their own config section, handed in by :func:`stgen.workflows.fit.fit`.
+
+    Attributes
+    ----------
+    backbone : the frozen expression backbone (an :class:`~stgen.backbones.embedded.ExpressionBackbone`,
+        CellFM or scGPT ``nn.Module``) for models with ``needs_backbone``; ``None`` otherwise.
+    backbone_meta : its description for ``run.json['backbone']`` (kind, genes/config or path + SHA-256,
+        ``panel_genes_dropped``).
+    patch_px : the spot patch side in full-resolution pixels (config ``features.patch_px``), e.g. FLAG's
+        default RBF length scale.
+    seed : the run seed of the models that have none of their own (ridge's PCA: config ``hinge.seed``,
+        kept so that ridge's config hash and results stay those of earlier versions).
+    """
+
+    backbone: Any = None
+    backbone_meta: dict | None = None
+    patch_px: int = 224
+    seed: int = 42
+
+
 class SpotModel(ABC):
     """A trainable spot-level expression predictor (see the module docstring).
 
     Class attributes: ``name`` (the ``--model`` value and config section),
     ``generative`` (sampled: ``predict`` draws ``samples`` samples and averages
     them, so the benchmark runs it once per seed), ``config_cls`` (a dataclass
-    of its hyper-parameters, the YAML section ``name``).
+    of its hyper-parameters, the YAML section ``name``), ``needs_backbone``
+    (the fit restricts the panel to the backbone's vocabulary and hands the
+    backbone in :class:`FitContext`), ``in_every_hash`` (its config section
+    enters every model's config hash: ``hinge`` and ``ridge``, the first two
+    models, so that cached runs of every model keep their hashes).
     """
 
     name: ClassVar[str]
     generative: ClassVar[bool] = False
     config_cls: ClassVar[type]
+    needs_backbone: ClassVar[bool] = False
+    in_every_hash: ClassVar[bool] = False
+    weights_file: ClassVar[str] = "model.safetensors"
+    needs_xy: ClassVar[bool] = True
+    cuts_own_patches: ClassVar[bool] = False  # reads image patches itself: features.patch_um is refused
 
     @classmethod
     @abstractmethod
     def fit(cls, train: list[SectionInput], panel: list[str], cfg: Any, features: FeatureSettings,
-            progress: bool = True) -> tuple["SpotModel", dict]:
+            progress: bool = True, context: FitContext | None = None) -> tuple["SpotModel", dict]:
         """Train on ``train`` (each with ``targets`` (N_s, G), G = len(panel)); return (model, history)."""
 
     @abstractmethod
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """``(tensors, meta)``: everything :meth:`from_state` needs; meta JSON-serialisable."""
+        """``(tensors, meta)``: everything :meth:`from_state` needs; meta JSON-serialisable
+        (``run.json[name]``)."""
 
     @classmethod
     @abstractmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict, cfg: Any) -> "SpotModel":
-        """Rebuild a fitted model from :meth:`state`'s output and its config."""
+        """Rebuild a fitted model from :meth:`state`'s output and its config.
+
+        ``meta`` is the run's metadata (``run.json``): :meth:`state`'s meta is ``meta[cls.name]``,
+        :meth:`run_entries` are at the top level beside ``panel`` and ``feature_dim``."""
 
     @abstractmethod
     def predict(self, section: SectionInput, features: FeatureSettings, samples: int | None = None,
-                steps: int | None = None, seed: int = 0, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """``(mean, sd)``, (N, G) float32 each, target units. ``samples``/``steps`` default to the config's."""
+                steps: int | None = None, seed: int = 0, progress: bool = False,
+                **options) -> tuple[np.ndarray, np.ndarray]:
+        """``(mean, sd)``, (N, G) float32 each, target units. ``samples``/``steps`` default to the config's.
+
+        ``options`` are ``batch_size``, ``device`` and ``precision`` (``bf16-mixed``...): the backbone models
+        (HINGE, FLAG) use them; the others run on the CPU and ignore them."""
+
+    def run_entries(self) -> dict:
+        """Top-level ``run.json`` entries besides ``run.json[name]`` (e.g. HINGE's ``backbone``)."""
+        return {}
+
+    def save(self, folder: Path) -> dict:
+        """Write the weights into RUN_DIR ``folder`` (:attr:`weights_file`); returns :meth:`state`'s meta."""
+        tensors, meta = self.state()
+        save_file({k: v.contiguous() for k, v in tensors.items()}, Path(folder) / self.weights_file)
+        return meta
+
+    @classmethod
+    def load(cls, folder: Path, meta: dict, cfg: Any) -> "SpotModel":
+        """The model saved by :meth:`save` in RUN_DIR ``folder`` (``meta``: its ``run.json``).
+        InputError when the weights file is unreadable or does not match."""
+        path = Path(folder) / cls.weights_file
+        try:
+            tensors = load_file(path)
+        except (RuntimeError, OSError) as e:
+            raise InputError(f"{path} is not a readable safetensors file: {e}") from e
+        return cls.from_state(tensors, meta, cfg)
 
 
 def check_training_sections(train: list[SectionInput], panel: list[str], model: str, feats: bool = True) -> int:
@@ -188,3 +251,30 @@ def resolve_count(value: int | None, default: int, name: str, model: str) -> int
     if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
         raise InputError(f"{model}: {name} must be an integer >= 1, got {v!r}")
     return int(v)
+
+
+def load_state_strict(net: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path,
+                      keep_prefix: str | None = None) -> None:
+    """Load ``state`` into ``net`` strictly; entries of ``net``'s own state whose keys start with
+    ``keep_prefix`` (e.g. an external frozen backbone) are kept where ``state`` lacks them.
+    InputError naming ``source`` when the keys or shapes do not match."""
+    if keep_prefix is not None:
+        state = {**{k: v for k, v in net.state_dict().items() if k.startswith(keep_prefix)}, **state}
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise InputError(f"{source} does not match run.json: {e}") from e
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a Lightning precision string (``bf16-mixed`` -> bfloat16, ``16-mixed`` ->
+    float16; ``32-true`` -> None: no autocast)."""
+    return {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0])
+
+
+def check_sampler_options(samples: int, batch_size: int | None) -> None:
+    """InputError for ``samples`` < 1 or a ``batch_size`` < 1 (the ``--samples``/``--batch-size`` options)."""
+    if samples < 1:
+        raise InputError(f"--samples must be >= 1, got {samples}")
+    if batch_size is not None and batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {batch_size}")

@@ -1,16 +1,16 @@
-"""Every model ``stgen fit/predict/benchmark --model`` accepts.
+"""Every model ``stgen fit/predict/benchmark --model`` accepts: one registry line each.
 
-``hinge``, ``ridge`` and ``flag`` have their own code paths in
-:mod:`stgen.pipeline` (a backbone, a spot graph, a scikit-learn estimator).
-The benchmark models below implement :class:`stgen.models.base.SpotModel` and
-share one path; each is imported when first used.
+Each model is a :class:`stgen.models.base.SpotModel` in its own package ``stgen.models.<name>``; the
+workflows (:mod:`stgen.workflows`) read sections, choose the panel, cache features, hand in a backbone
+when the model ``needs_backbone`` and write RUN_DIR for all of them through one path. A model is imported
+when first used. Adding a model: one package plus one line in :data:`SPOT_MODELS`.
 
 =========  ===========================================================  ==========
 name       method (source)                                              sampled
 =========  ===========================================================  ==========
 hinge      HINGE, CVPR 2026 (:mod:`stgen.models.hinge`)                 yes
-ridge      standardise + PCA + RidgeCV on the features                 no
 flag       FLAG (:mod:`stgen.models.flag`)                              yes
+ridge      standardise + PCA + RidgeCV on the features                 no
 hifusion   HiFusion (:mod:`stgen.models.hifusion`)                      no
 stnet      ST-Net, He et al. 2020 (:mod:`stgen.models.stnet`)           no
 bleep      BLEEP, Xie et al. 2023 (:mod:`stgen.models.bleep`)           no
@@ -26,17 +26,20 @@ import importlib
 from stgen.errors import InputError
 from stgen.models.base import SpotModel
 
-#: name -> (module, class) of the SpotModel benchmark models
+#: name -> (module, class) of every model, in report order
 SPOT_MODELS: dict[str, tuple[str, str]] = {
-    "hifusion": ("stgen.models.hifusion", "HiFusion"),
-    "stnet": ("stgen.models.stnet", "STNet"),
-    "bleep": ("stgen.models.bleep", "BLEEP"),
-    "stem": ("stgen.models.stem", "Stem"),
-    "stflow": ("stgen.models.stflow", "STFlow"),
+    "hinge": ("stgen.models.hinge.model", "HingeModel"),
+    "flag": ("stgen.models.flag.model", "FlagModel"),
+    "ridge": ("stgen.models.ridge.model", "Ridge"),
+    "hifusion": ("stgen.models.hifusion.model", "HiFusion"),
+    "stnet": ("stgen.models.stnet.model", "STNet"),
+    "bleep": ("stgen.models.bleep.model", "BLEEP"),
+    "stem": ("stgen.models.stem.model", "Stem"),
+    "stflow": ("stgen.models.stflow.model", "STFlow"),
 }
 #: every model name, in report order
-MODELS: tuple[str, ...] = ("hinge", "flag", "ridge", *SPOT_MODELS)
-#: sampled models: the benchmark predicts them once per sampling seed
+MODELS: tuple[str, ...] = tuple(SPOT_MODELS)
+#: sampled models: the benchmark predicts them once per sampling seed (each class's ``generative``)
 GENERATIVE: tuple[str, ...] = ("hinge", "flag", "stem", "stflow")
 
 
@@ -63,8 +66,7 @@ def expand_models(spec: str | list[str] | tuple[str, ...]) -> list[str]:
 
 
 def spot_model(name: str) -> type[SpotModel]:
-    """The :class:`SpotModel` class of a benchmark model (InputError for hinge/ridge/flag or unknown)."""
-    if name not in SPOT_MODELS:
-        raise InputError(f"{name!r} is not one of the SpotModel benchmark models {sorted(SPOT_MODELS)}")
+    """The :class:`SpotModel` class of model ``name`` (InputError listing the models for an unknown name)."""
+    check_model(name)
     module, cls = SPOT_MODELS[name]
     return getattr(importlib.import_module(module), cls)

@@ -1,0 +1,427 @@
+"""Readers for spot-level spatial transcriptomics data sets beyond Her2ST.
+
+Every reader returns one section as an AnnData with the layout of
+:func:`stgen.data.her2st.read_section`:
+
+* ``.X`` CSR float32 raw counts; ``obs_names`` spot ids; ``var_names`` unique
+  gene symbols (duplicated symbols are summed, first-seen order);
+* ``.obs`` columns ``array_x``, ``array_y`` (int; lattice column / row, ``-1``
+  when the input has none), ``pixel_x``, ``pixel_y`` (float, full-resolution
+  pixels, ``x`` = image column) and ``section``;
+* ``.obsm['spatial']`` float64 ``(n, 2)`` = ``(pixel_x, pixel_y)``;
+* ``.uns['stgen']`` = dict(section, image_path (str or None), mpp (um per
+  full-resolution pixel), spot_diameter_um, spot_spacing_um, source, grid
+  (``"hex"`` for Visium: 55 um spots 100 um apart; ``"square"`` for legacy
+  Spatial Transcriptomics: 100 um spots 200 um apart) and mpp_source (where the
+  mpp came from)).
+
+Supported inputs
+----------------
+* **HEST-1k** (:func:`read_hest_sample`)::
+
+      <root>/st/<id>.h5ad          counts; obsm['spatial'] = (pxl_col_in_fullres, pxl_row_in_fullres)
+      <root>/metadata/<id>.json    st_technology, pixel_size_um_estimated, pixel_size_um_embedded,
+                                   inter_spot_dist, spot_diameter, fullres_px_width/height, ...
+      <root>/wsis/<id>.tif         pyramidal full-resolution H&E (optional for expression-only use)
+
+* **10x Space Ranger** ``outs/`` folders (:func:`read_spaceranger`)::
+
+      outs/filtered_feature_bc_matrix.h5        (or filtered_feature_bc_matrix/ with
+                                                 matrix.mtx.gz, features.tsv.gz, barcodes.tsv.gz)
+      outs/spatial/tissue_positions.csv         (Space Ranger >= 2.0, with header; or the older
+                                                 headerless tissue_positions_list.csv)
+      outs/spatial/scalefactors_json.json       spot_diameter_fullres, tissue_hires_scalef, ...
+
+  The full-resolution H&E image is not part of ``outs/`` and is passed
+  separately.
+
+* **Generic h5ad** (:func:`read_h5ad_section`): any AnnData with
+  ``obsm['spatial']`` in full-resolution pixels of its H&E image.
+
+Data-set folders (:func:`open_dataset`) and their image conventions
+-------------------------------------------------------------------
+* ``"her2st"``: ``<root>/ST-cnts/`` ... (see :mod:`stgen.data.her2st`).
+* ``"hest"``: ``<root>/st/*.h5ad`` + ``<root>/metadata/``; image
+  ``<root>/wsis/<id>.tif`` (or ``.tiff``).
+* ``"visium"``: ``<root>/<sample>/outs/`` (or ``<root>/<sample>/`` being itself an
+  ``outs`` folder; ``<root>`` may also be a single such sample). Section name =
+  ``<sample>``. Image: the image file (``.tif .tiff .btf .svs .ndpi .jpg .jpeg
+  .png``) lying directly in ``<root>/<sample>/``; if there are several, the one
+  whose stem is ``image`` or ``<sample>``; if there is none, a file of
+  ``outs/spatial/`` whose name contains ``fullres``. The downsampled
+  ``tissue_hires_image.png`` / ``tissue_lowres_image.png`` are never used.
+* ``"h5ad"``: ``<root>/<section>.h5ad`` with the image ``<root>/<section>.<ext>``
+  beside it (one of the suffixes above; several -> error).
+
+Every user-caused problem is raised as :class:`stgen.errors.InputError` naming
+the file and the problem.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+import anndata as ad
+from stgen.errors import InputError
+from stgen.data.common import _anndata_counts
+from stgen.data.common import _check_grid
+from stgen.data.common import _counts_anndata
+from stgen.data.hest import _hest_counts
+from stgen.data.hest import _hest_paths
+from stgen.data.common import _image_files
+from stgen.data.visium import _outs_dir
+from stgen.data.common import _pos_float
+from stgen.data.common import _read_json
+from stgen.data.visium import _section_name
+from stgen.data.visium import _spaceranger_counts
+from stgen.data.common import _spot_ids
+from stgen.data.common import read_anndata
+from stgen.data.h5ad import read_h5ad_section
+from stgen.data.hest import read_hest_sample
+from stgen.data.visium import read_spaceranger
+
+
+#: Data-set formats understood by :func:`open_dataset`.
+FORMATS = ("her2st", "hest", "visium", "h5ad")
+
+
+class Dataset:
+    """A folder of sections in one of :data:`FORMATS` (see :func:`open_dataset`).
+
+    Attributes
+    ----------
+    root : the data-set folder.
+    format : one of :data:`FORMATS`.
+    """
+
+    format: str = ""
+
+    def __init__(self, root: str | os.PathLike, mpp: float | None = None, grid: str | None = None):
+        self.root = Path(root)
+        self.mpp = mpp
+        self.grid = grid
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(root={str(self.root)!r}, format={self.format!r})"
+
+    # subclasses implement these four
+    def _all_sections(self) -> list[str]:
+        raise NotImplementedError
+
+    def image(self, section: str) -> Path | None:
+        """Path of the full-resolution H&E image of ``section`` or None."""
+        raise NotImplementedError
+
+    def _read(self, section: str, require_image: bool) -> ad.AnnData:
+        raise NotImplementedError
+
+    def _counts(self, section: str) -> ad.AnnData:
+        raise NotImplementedError
+
+    # public API
+    def sections(self, imaged_only: bool = False) -> list[str]:
+        """Sorted section names (only those with an image when ``imaged_only``)."""
+        out = sorted(self._all_sections())
+        if imaged_only:
+            out = [s for s in out if self.image(s) is not None]
+        return out
+
+    def __contains__(self, section: object) -> bool:
+        return isinstance(section, str) and section in self._all_sections()
+
+    def _check(self, section: str) -> None:
+        avail = self.sections()
+        if section not in avail:
+            raise InputError(
+                f"unknown section {section!r} in {self.root} ({self.format}); available: {', '.join(avail)}"
+            )
+
+    def read(self, section: str, require_image: bool = False) -> ad.AnnData:
+        """Read ``section`` with the layout of :func:`stgen.data.her2st.read_section` (plus ``grid``).
+
+        Raises InputError for an unknown section, a missing image when
+        ``require_image``, or any reader error.
+        """
+        self._check(section)
+        return self._read(section, require_image)
+
+    def counts(self, section: str) -> ad.AnnData:
+        """Raw counts of ``section`` (spots x genes, CSR float32, ``obs['section']``).
+
+        Same spots (and order) as :meth:`read` where a position table exists,
+        but needs neither image nor mpp and runs no geometry checks: for
+        expression-only corpora.
+        """
+        self._check(section)
+        return self._counts(section)
+
+
+class Her2stDataset(Dataset):
+    """Her2ST folder; delegates to :mod:`stgen.data.her2st` (adds ``grid='square'``)."""
+
+    format = "her2st"
+
+    def __init__(self, root: str | os.PathLike, mpp: float | None = None, grid: str | None = None):
+        if mpp is not None or grid not in (None, "square"):
+            raise InputError(
+                f"{root}: Her2ST sections take their mpp from the spot lattice and use the square "
+                "grid; mpp/grid overrides are not supported"
+            )
+        super().__init__(root)
+        from stgen.data import her2st
+
+        her2st.list_sections(self.root)  # validates the layout
+
+    def _all_sections(self) -> list[str]:
+        from stgen.data import her2st
+
+        return her2st.list_sections(self.root)
+
+    def sections(self, imaged_only: bool = False) -> list[str]:
+        from stgen.data import her2st
+
+        return her2st.list_sections(self.root, imaged_only=imaged_only)
+
+    def image(self, section: str) -> Path | None:
+        from stgen.data import her2st
+
+        return her2st.find_image(self.root, section)
+
+    def read(self, section: str, require_image: bool = False) -> ad.AnnData:
+        from stgen.data import her2st
+
+        a = her2st.read_section(self.root, section, require_image=require_image)
+        a.uns["stgen"]["grid"] = "square"
+        a.uns["stgen"]["mpp_source"] = "spot lattice"
+        return a
+
+    def counts(self, section: str) -> ad.AnnData:
+        from stgen.data import her2st
+
+        self._check(section)
+        cdir = self.root / "ST-cnts"
+        cpath = cdir / f"{section}.tsv.gz"
+        if not cpath.exists():
+            cpath = cdir / f"{section}.tsv"
+        a = her2st.read_counts(cpath)
+        spath = self.root / "ST-spotfiles" / f"{section}_selection.tsv"
+        if spath.is_file():
+            keep = a.obs_names.isin(her2st.read_spots(spath).index)
+            if not keep.any():
+                raise InputError(f"{cpath}: no spot ids in common with {spath}")
+            a = a[keep].copy()
+        a.obs["section"] = section
+        return a
+
+
+class HestDataset(Dataset):
+    """HEST-1k folder: ``st/<id>.h5ad``, ``metadata/<id>.json``, ``wsis/<id>.tif``."""
+
+    format = "hest"
+
+    def _all_sections(self) -> list[str]:
+        d = self.root / "st"
+        if not d.is_dir():
+            raise InputError(f"{self.root}: not a HEST folder (no 'st' sub-folder)")
+        return sorted(p.name[: -len(".h5ad")] for p in d.iterdir() if p.is_file() and p.name.endswith(".h5ad"))
+
+    def image(self, section: str) -> Path | None:
+        return _hest_paths(self.root, section)[2]
+
+    def technology(self, section: str) -> str:
+        """``st_technology`` of a sample's metadata (e.g. 'Visium', 'Xenium')."""
+        self._check(section)
+        p = self.root / "metadata" / f"{section}.json"
+        t = _read_json(p, "HEST metadata").get("st_technology")
+        if not isinstance(t, str):
+            raise InputError(f"{p}: no 'st_technology' field")
+        return t
+
+    def _read(self, section: str, require_image: bool) -> ad.AnnData:
+        return read_hest_sample(self.root, section, mpp=self.mpp, require_image=require_image)
+
+    def _counts(self, section: str) -> ad.AnnData:
+        X, spots, genes = _hest_counts(self.root, section)
+        return _counts_anndata(X, spots, genes, section)
+
+
+class VisiumDataset(Dataset):
+    """Folder of Space Ranger samples: ``<root>/<sample>/outs/`` (or ``<root>/<sample>/`` = outs)."""
+
+    format = "visium"
+
+    def _samples(self) -> dict[str, tuple[Path, Path]]:
+        """section -> (sample folder, outs folder)."""
+        if not self.root.is_dir():
+            raise InputError(f"{self.root}: folder not found")
+        own = _outs_dir(self.root)
+        if own is not None:
+            sample_dir = self.root.parent if self.root.name == "outs" else self.root
+            return {_section_name(own): (sample_dir, own)}
+        out = {}
+        for d in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            o = _outs_dir(d)
+            if o is not None:
+                out[d.name] = (d, o)
+        return out
+
+    def _all_sections(self) -> list[str]:
+        return list(self._samples())
+
+    def image(self, section: str) -> Path | None:
+        samples = self._samples()
+        if section not in samples:
+            return None
+        sample_dir, outs = samples[section]
+        imgs = _image_files(sample_dir)
+        if len(imgs) > 1:
+            named = [p for p in imgs if {p.name[: -len(p.suffix)], p.name.split(".")[0]} & {"image", section}]
+            if len(named) != 1:
+                raise InputError(
+                    f"{sample_dir}: several images ({', '.join(p.name for p in imgs)}); keep one, "
+                    f"or name the full-resolution H&E 'image.<ext>' or '{section}.<ext>'"
+                )
+            return named[0]
+        if imgs:
+            return imgs[0]
+        full = [p for p in _image_files(outs / "spatial") if "fullres" in p.name.lower()]
+        return full[0] if full else None
+
+    def _read(self, section: str, require_image: bool) -> ad.AnnData:
+        _, outs = self._samples()[section]
+        img = self.image(section)
+        if require_image and img is None:
+            raise InputError(
+                f"section {section!r} has no H&E image (expected an image file in "
+                f"{self._samples()[section][0]})"
+            )
+        return read_spaceranger(outs, image=img, mpp=self.mpp, section=section)
+
+    def _counts(self, section: str) -> ad.AnnData:
+        _, outs = self._samples()[section]
+        counts, _ = _spaceranger_counts(outs)
+        counts.obs["section"] = section
+        return counts
+
+
+class H5adDataset(Dataset):
+    """Folder of ``<section>.h5ad`` files with images ``<section>.<ext>`` beside them."""
+
+    format = "h5ad"
+
+    def _all_sections(self) -> list[str]:
+        if not self.root.is_dir():
+            raise InputError(f"{self.root}: folder not found")
+        return sorted(p.stem for p in self.root.iterdir() if p.is_file() and p.suffix == ".h5ad")
+
+    def image(self, section: str) -> Path | None:
+        imgs = [p for p in _image_files(self.root) if p.name[: -len(p.suffix)] == section]
+        if len(imgs) > 1:
+            raise InputError(
+                f"{self.root}: several images for section {section!r} "
+                f"({', '.join(p.name for p in imgs)}); keep only the full-resolution H&E"
+            )
+        return imgs[0] if imgs else None
+
+    def _read(self, section: str, require_image: bool) -> ad.AnnData:
+        return read_h5ad_section(
+            self.root / f"{section}.h5ad", image=self.image(section), mpp=self.mpp,
+            section=section, grid=self.grid, require_image=require_image,
+        )
+
+    def _counts(self, section: str) -> ad.AnnData:
+        path = self.root / f"{section}.h5ad"
+        a = read_anndata(path)
+        X, genes = _anndata_counts(a, path)
+        return _counts_anndata(X, _spot_ids(a.obs_names, str(path)), genes, section)
+
+
+_DATASETS: dict[str, type[Dataset]] = {
+    "her2st": Her2stDataset,
+    "hest": HestDataset,
+    "visium": VisiumDataset,
+    "h5ad": H5adDataset,
+}
+
+_LOOKED_FOR = (
+    "her2st: ST-cnts/; hest: st/*.h5ad + metadata/; visium: <sample>/outs/ (or outs-like "
+    "folders with spatial/ and filtered_feature_bc_matrix[.h5]); h5ad: *.h5ad files"
+)
+
+
+def _matches(root: Path) -> list[str]:
+    found = []
+    if (root / "ST-cnts").is_dir():
+        found.append("her2st")
+    st = root / "st"
+    if st.is_dir() and (root / "metadata").is_dir() and any(p.suffix == ".h5ad" for p in st.iterdir()):
+        found.append("hest")
+    if _outs_dir(root) is not None or any(_outs_dir(d) is not None for d in root.iterdir() if d.is_dir()):
+        found.append("visium")
+    if any(p.is_file() and p.suffix == ".h5ad" for p in root.iterdir()):
+        found.append("h5ad")
+    return found
+
+
+def detect_format(root: str | os.PathLike) -> str:
+    """The format of a data-set folder, one of :data:`FORMATS`.
+
+    Raises
+    ------
+    InputError : folder missing, no format matches, or several do (ambiguous);
+        the message lists what was looked for.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: data-set folder not found")
+    found = _matches(root)
+    if not found:
+        raise InputError(f"{root}: unrecognised data-set layout; looked for {_LOOKED_FOR}")
+    if len(found) > 1:
+        raise InputError(
+            f"{root}: ambiguous data-set layout, matches {', '.join(found)}; pass format= "
+            f"one of {', '.join(found)} (looked for {_LOOKED_FOR})"
+        )
+    return found[0]
+
+
+def open_dataset(
+    root: str | os.PathLike,
+    format: str | None = None,
+    mpp: float | None = None,
+    grid: str | None = None,
+) -> Dataset:
+    """Open a data-set folder as a :class:`Dataset`.
+
+    Parameters
+    ----------
+    root : the folder (layouts in the module docstring).
+    format : one of :data:`FORMATS`; auto-detected when None.
+    mpp : microns-per-pixel override for every section (not for Her2ST).
+    grid : spot grid for h5ad sections that do not record one ('hex' or 'square').
+
+    Raises
+    ------
+    InputError : unknown/undetectable/ambiguous format, or a layout that does
+        not match the requested format.
+    """
+    root = Path(root)
+    if format is None:
+        format = detect_format(root)
+    fmt = str(format).strip().lower()
+    if fmt not in _DATASETS:
+        raise InputError(f"unknown data-set format {format!r}; use one of {', '.join(FORMATS)}")
+    if not root.is_dir():
+        raise InputError(f"{root}: data-set folder not found")
+    if fmt != "her2st" and fmt not in _matches(root):
+        raise InputError(f"{root}: not a {fmt} data set; looked for {_LOOKED_FOR}")
+    if grid is not None:
+        grid = _check_grid(grid, str(root))
+    if mpp is not None and _pos_float(mpp) is None:
+        raise InputError(f"mpp must be a positive number, got {mpp!r}")
+    return _DATASETS[fmt](root, mpp=mpp, grid=grid)
+
+
+def as_dataset(data: "str | os.PathLike | Dataset", format: str | None = None) -> Dataset:
+    """``data`` itself when it is a :class:`Dataset`, else :func:`open_dataset` of the folder."""
+    return data if isinstance(data, Dataset) else open_dataset(data, format=format)

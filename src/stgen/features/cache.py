@@ -1,0 +1,107 @@
+"""The on-disk feature cache: content-hash keys, SHA-256-verified ``.npy`` files, never unpickled."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+import numpy as np
+from stgen.utils.io import atomic_path, sha256_file, sha256_json
+from stgen.features.registry import _REGISTRY
+from stgen.features.registry import _parts
+
+log = logging.getLogger(__name__)
+
+
+#: Bump when feature computation changes, to invalidate cached features.
+FEATURE_CODE_VERSION = 1
+
+
+# --------------------------------------------------------------------------- caching
+
+_IMAGE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def _image_sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    h = _IMAGE_HASHES.get(key)
+    if h is None:
+        h = _IMAGE_HASHES[key] = sha256_file(path)
+    return h
+
+
+def _centers_sha256(c: np.ndarray) -> str:
+    import hashlib
+
+    arr = np.ascontiguousarray(c, dtype="<f8")
+    return hashlib.sha256(repr(arr.shape).encode() + arr.tobytes()).hexdigest()
+
+
+def feature_cache_path(
+    cache_dir: str | os.PathLike,
+    image_path: str | os.PathLike,
+    centers_xy: np.ndarray,
+    patch_px: int,
+    encoder: str,
+    tta: bool,
+    input_px: int | None = None,
+) -> Path:
+    """Cache file ``<cache_dir>/features/<key>.npy`` for these inputs (hashes the image)."""
+    key = {
+        "image_sha256": _image_sha256(Path(image_path)),
+        "centers_sha256": _centers_sha256(np.asarray(centers_xy, dtype=np.float64)),
+        "patch_px": int(patch_px),
+        "encoder": encoder,
+        "tta": bool(tta),
+        "version": FEATURE_CODE_VERSION,
+    }
+    if input_px is not None:  # only then, so that the keys of every cache written before it stay valid
+        key["input_px"] = int(input_px)
+    if encoder not in _REGISTRY and (":" in encoder or "+" in encoder):
+        parts = _parts(encoder)
+        if any(p.path is not None for p in parts):  # weights files: key on their bytes, not their paths
+            from stgen.features.spec import ENCODER_CODE_VERSION
+
+            key["encoder"] = "+".join(p.cache_token() for p in parts)
+            key["encoder_code"] = ENCODER_CODE_VERSION
+    key = sha256_json(key)
+    return Path(cache_dir) / "features" / f"{key}.npy"
+
+
+def _checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _load_cached(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
+    """The cached features at ``path``, or None when they must be (re)computed.
+
+    A cache file is trusted only when its bytes match the SHA-256 written beside it (``<key>.npy.sha256``)
+    and it holds a finite float32 ``shape`` array, read without pickle. A corrupted, truncated or
+    misshapen file is logged and recomputed. A file from before the checksums (no ``.sha256``) that
+    passes the array checks gets its checksum written now.
+    """
+    if not path.is_file():
+        return None
+    sums = _checksum_path(path)
+    want = sums.read_text().strip() if sums.is_file() else None
+    if want is not None and sha256_file(path) != want:
+        log.warning("feature cache %s does not match its checksum: recomputing", path)
+        return None
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        log.warning("feature cache %s is unreadable: recomputing", path)
+        return None
+    if arr.shape != shape or arr.dtype != np.float32 or not np.isfinite(arr).all():
+        log.warning("feature cache %s holds %s %s, expected finite float32 %s: recomputing", path, arr.dtype,
+                    arr.shape, shape)
+        return None
+    if want is None:
+        _write_checksum(path)
+    return arr
+
+
+def _write_checksum(path: Path) -> None:
+    with atomic_path(_checksum_path(path)) as tmp:
+        tmp.write_text(sha256_file(path) + "\n")

@@ -1,0 +1,109 @@
+"""FLAG as a :class:`~stgen.models.base.SpotModel`: fit, weights, loading and whole-section sampling.
+
+The network is :class:`stgen.models.flag.network.FLAG` (spatial graph encoder + gene DiT on a VE-SDE),
+trained by :func:`stgen.models.flag.training.train_flag` and sampled with the Heun probability-flow sampler
+(:mod:`stgen.sampling.vesde`). ``run.json['flag']`` holds the architecture (``config``), the spot-graph
+settings (``sigma_px``, ``knn``), the default sampler (``steps``, ``samples``) and the GFM embedding width;
+``run.json['backbone']`` describes the backbone whose gene-token rows are the frozen GFM embeddings (they
+are inside ``model.safetensors``, so loading needs no backbone).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from stgen.backbones.external import gene_token_embeddings
+from stgen.errors import InputError
+from stgen.models.base import (FeatureSettings, FitContext, SectionInput, SpotModel, autocast_dtype,
+                               check_sampler_options, load_state_strict)
+from stgen.models.flag.config import FlagConfig
+from stgen.models.flag.network import FLAG
+from stgen.models.flag.training import train_flag
+from stgen.nn.graph import build_spot_graph
+
+
+def flag_graph_settings(cfg: FlagConfig, patch_px: int) -> dict:
+    """FLAG's spot-graph settings, as stored in ``run.json``: ``sigma_px`` (RBF length scale in
+    full-resolution pixels, ``flag.sigma_px`` defaulting to the spot patch side ``patch_px``) and ``knn``."""
+    return {"sigma_px": float(cfg.sigma_px if cfg.sigma_px is not None else patch_px), "knn": int(cfg.knn)}
+
+
+def graph_builder(settings: dict):
+    """``(xy, feats) -> SpotGraph`` with ``settings`` of :func:`flag_graph_settings` (or a FLAG run's
+    ``meta['flag']``, which holds them)."""
+    return lambda xy, feats: build_spot_graph(xy, feats, sigma_px=settings["sigma_px"], k=settings["knn"])
+
+
+class FlagModel(SpotModel):
+    """A fitted FLAG run: the network and its graph and sampler settings."""
+
+    name: ClassVar[str] = "flag"
+    generative: ClassVar[bool] = True
+    config_cls: ClassVar[type] = FlagConfig
+    needs_backbone: ClassVar[bool] = True
+    needs_xy: ClassVar[bool] = False  # checked in predict, with FLAG's own message
+
+    def __init__(self, net: FLAG, meta: dict, backbone_meta: dict | None, cfg: FlagConfig) -> None:
+        self.net, self.meta, self.backbone_meta, self.cfg = net, meta, backbone_meta, cfg
+
+    @classmethod
+    def fit(cls, train: list[SectionInput], panel: list[str], cfg: FlagConfig, features: FeatureSettings,
+            progress: bool = True, context: FitContext | None = None) -> tuple["FlagModel", dict]:
+        """Train on whole training sections (their spot graphs; crops of them per step); the GFM embeddings are
+        the backbone's gene-token rows of the panel (``context.backbone``). Returns (model, history)."""
+        if context is None or context.backbone is None:
+            raise InputError("flag needs an expression backbone for its GFM embeddings (FitContext.backbone)")
+        emb = gene_token_embeddings(context.backbone, panel)
+        torch.manual_seed(cfg.seed)
+        net = FLAG(cfg, len(panel), train[0].feats.shape[1], emb)
+        graph = flag_graph_settings(cfg, context.patch_px)
+        sections = [(s.feats, s.xy, s.targets) for s in train]
+        history = train_flag(net, sections, cfg, graph_builder(graph), progress=progress)
+        meta = {"config": cfg.architecture(), "steps": cfg.steps, "samples": cfg.samples, **graph,
+                "embedding_dim": int(emb.shape[1]), "align_weight": cfg.align_weight,
+                "n_trainable": sum(p.numel() for p in net.parameters() if p.requires_grad)}
+        bmeta = dict(context.backbone_meta or {"kind": "default"})
+        bmeta.pop("genes", None)  # not needed to load a FLAG run: the embeddings are in the model
+        return cls(net, meta, bmeta, cfg), history
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return dict(self.net.state_dict()), self.meta
+
+    def run_entries(self) -> dict:
+        return {"backbone": self.backbone_meta} if self.backbone_meta is not None else {}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict, cfg: FlagConfig) -> "FlagModel":
+        fm = meta[cls.name]
+        emb = torch.zeros(len(meta["panel"]), fm["embedding_dim"]) if fm.get("embedding_dim") else None
+        net = FLAG(FlagConfig.from_architecture(fm["config"]), len(meta["panel"]), meta["feature_dim"], emb)
+        load_state_strict(net, tensors, cls.weights_file)
+        return cls(net.eval(), fm, meta.get("backbone"), cfg)
+
+    def predict(self, section: SectionInput, features: FeatureSettings, samples: int | None = None,
+                steps: int | None = None, seed: int = 0, progress: bool = False, batch_size: int | None = None,
+                device: str | None = None, precision: str | None = None, **options) -> tuple[np.ndarray, np.ndarray]:
+        """``(mean, sd)`` (N, G) over ``samples`` Heun samples (``steps`` steps) of the whole section at once
+        (its spot graph from ``section.xy``), target units. ``batch_size``: spots per DiT chunk (default:
+        all); ``device``/``precision`` as for HINGE."""
+        if section.xy is None:
+            raise InputError("FLAG predicts whole sections from a spot graph: give the spots' pixel coordinates xy")
+        steps = steps or self.meta["steps"]
+        samples = samples or self.meta["samples"]
+        check_sampler_options(samples, batch_size)
+        dtype = autocast_dtype(precision or self.cfg.precision)
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        graph = graph_builder(self.meta)(section.xy, section.feats)
+        gen = torch.Generator().manual_seed(seed)
+        net = self.net.to(dev)
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+            mean, std = net.generate(torch.as_tensor(section.feats, dtype=torch.float32, device=dev), graph,
+                                     steps=steps, n_samples=samples, generator=gen, progress=progress,
+                                     batch_size=batch_size)
+        return mean.float().cpu().numpy(), std.float().cpu().numpy()
+
+
+__all__ = ["FlagModel", "flag_graph_settings", "graph_builder"]

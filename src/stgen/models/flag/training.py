@@ -1,0 +1,165 @@
+"""FLAG training (Sec. 3.6 eq. 9, Table 5): VE-SDE DSM + GFM alignment on section crops."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from stgen.models.flag.config import FlagConfig
+from stgen.errors import InputError
+from stgen.nn.graph import SpotGraph
+from stgen.models.flag.network import FLAG
+from stgen.sampling.vesde import WEIGHTINGS, dsm_loss
+from stgen.training.best_weights import BestWeights
+from stgen.training.state import EpochSampler
+from stgen.training.data import FlagCrops
+from stgen.training.state import _NOISE
+from stgen.training.trainer import _trainer
+from stgen.training.state import key_seed
+from stgen.training.best_weights import mean_or_nan
+from stgen.training.data import split_validation
+
+
+class FlagModule(BestWeights, L.LightningModule):
+    """FLAG training: ``loss = DSM + align_weight * alignment`` on one crop per step.
+
+    All spots of a crop share one noise level ``sigma`` (log-uniform): the
+    graph encoder reads the neighbours' noisy states, which must be at the same
+    level as at sampling time. The DSM term counts training spots only; the
+    alignment term does not involve targets and uses every spot of the crop.
+    Validation generates every training section whole (``val_steps`` Euler =
+    DDIM steps, which unlike Heun are accurate with very few steps; one sample,
+    fixed noise) and scores the MSE, in target units, on its held-out spots.
+    The noise level and noise of step ``s`` on process ``r`` are drawn from
+    ``key_seed(cfg.seed, s, r)`` (resumable; each process its own crop and noise).
+    """
+
+    step_buffers = ("_dsm", "_align")
+    reseed_steps = True
+
+    def __init__(self, model: FLAG, cfg: FlagConfig) -> None:
+        super().__init__()
+        if cfg.loss_weighting not in WEIGHTINGS:
+            raise InputError(f"unknown flag.loss_weighting {cfg.loss_weighting!r}; choose one of {WEIGHTINGS}")
+        if not cfg.align_weight >= 0:
+            raise InputError(f"flag.align_weight must be >= 0, got {cfg.align_weight}")
+        self.model, self.cfg = model, cfg
+        self.align = model.has_alignment and cfg.align_weight > 0
+        self._dsm: list[float] = []
+        self._align: list[float] = []
+        self._val_sq = self._val_n = 0.0
+
+    def training_step(self, batch, batch_idx):
+        x0 = batch["x0"]
+        gen = torch.Generator().manual_seed(key_seed(self.cfg.seed, _NOISE, self.global_step, self.global_rank))
+        sigma = self.model.sde.sample_sigma(generator=gen, device=x0.device)
+        x = x0 + sigma * torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
+        out = self.model(x, sigma, batch["feats"], batch["graph"], return_align=self.align)
+        denoised, tokens = out if self.align else (out, None)
+        loss = dsm = dsm_loss(denoised, x0, sigma, self.model.sde, mask=batch["loss_mask"],
+                              weighting=self.cfg.loss_weighting)
+        self._dsm.append(float(dsm.detach()))
+        if self.align:
+            al = self.model.align_loss(tokens)
+            loss = dsm + self.cfg.align_weight * al
+            self._align.append(float(al.detach()))
+        self.log("loss", loss, prog_bar=True, batch_size=1)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sq, self._val_n = 0.0, 0.0
+        self._val_gen = torch.Generator().manual_seed(self.cfg.seed)
+
+    def validation_step(self, batch, batch_idx):
+        mean, _ = self.model.generate(batch["feats"], batch["graph"], n_samples=1, steps=self.cfg.val_steps,
+                                      generator=self._val_gen, order=1)
+        m = batch["val_mask"]
+        self._val_sq += float(((mean[m] - batch["y"][m]) ** 2).sum())
+        self._val_n += float(m.sum()) * mean.shape[1]
+
+    def on_validation_epoch_end(self) -> None:
+        val = self._val_sq / max(self._val_n, 1.0)
+        self.record_validation(val, self.model, step=self.global_step, train_dsm=mean_or_nan(self.synced(self._dsm)),
+                               train_align=mean_or_nan(self.synced(self._align)))
+        self._dsm, self._align = [], []
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+
+def train_flag(
+    model: FLAG,
+    sections: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    cfg: FlagConfig,
+    graph_builder: Callable[[np.ndarray, np.ndarray], SpotGraph],
+    progress: bool = True,
+) -> dict:
+    """Train ``model`` in place on whole training sections; returns the history.
+
+    Parameters
+    ----------
+    sections : per training section ``(feats (N, F), xy (N, 2) full-resolution
+        pixels, targets (N, G) in target units, columns = the panel)``.
+    graph_builder : ``(xy, feats) -> SpotGraph`` of a section
+        (:func:`stgen.graph.build_spot_graph` with the run's ``sigma_px``, ``knn``).
+
+    ``val_fraction`` of the spots of every section are held out of the loss and
+    scored after every ``val_every`` steps (``max_steps`` rounded up to whole
+    validation rounds). Their noisy states still enter the graph encoder of
+    their neighbours during training (the section is denoised as a whole), so
+    the validation MSE is slightly optimistic; their targets are never in the
+    loss. Feature and target statistics are fitted on the training spots.
+    """
+    if not sections:
+        raise InputError("FLAG needs at least one training section")
+    if cfg.max_steps < 1 or cfg.val_every < 1:
+        raise InputError(f"flag.max_steps and flag.val_every must be >= 1, got {cfg.max_steps}, {cfg.val_every}")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    prepared = []
+    for i, (feats, xy, targets) in enumerate(sections):
+        f, y = torch.as_tensor(feats, dtype=torch.float32), torch.as_tensor(targets, dtype=torch.float32)
+        if not (len(f) == len(y) == len(xy)) or y.ndim != 2 or y.shape[1] != model.n_genes:
+            raise InputError(f"training section {i}: feats {tuple(f.shape)}, xy {np.shape(xy)} and targets "
+                             f"{tuple(y.shape)} must have the same spots and {model.n_genes} genes")
+        tr, _ = split_validation(len(f), cfg.val_fraction, cfg.seed + i)
+        train_mask = torch.zeros(len(f), dtype=torch.bool)
+        train_mask[torch.from_numpy(tr)] = True
+        prepared.append({"feats": f, "y": y, "xy": np.asarray(xy, dtype=np.float64), "train_mask": train_mask,
+                         "graph": graph_builder(xy, feats)})
+    f_tr = torch.cat([s["feats"][s["train_mask"]] for s in prepared])
+    y_tr = torch.cat([s["y"][s["train_mask"]] for s in prepared])
+    model.set_feature_stats(f_tr.mean(0), f_tr.std(0))
+    model.set_target_stats(y_tr.mean(0), y_tr.std(0))
+    with torch.no_grad():
+        for s in prepared:
+            s["x0"] = model.normalise(s["y"])
+    rounds = math.ceil(cfg.max_steps / cfg.val_every)
+    per_round = math.ceil(cfg.max_steps / rounds)
+    sampler = EpochSampler(per_round, cfg.seed, keyed=True)
+    train_dl = DataLoader(FlagCrops(prepared, cfg.crop_spots, per_round, cfg.seed, keyed=True), batch_size=None,
+                          sampler=sampler)
+    val = [{"feats": s["feats"], "graph": s["graph"], "y": s["y"], "val_mask": ~s["train_mask"]}
+           for s in prepared if not s["train_mask"].all()]
+    module = FlagModule(model, cfg)
+    module.data_sampler = sampler
+    trainer = _trainer(rounds, progress=progress, precision=cfg.precision, gradient_clip_val=cfg.grad_clip,
+                       distributed=True)
+    trainer.fit(module, train_dl, DataLoader(val, batch_size=None) if val else None)
+    module.restore_best(model)
+    model.eval()
+    n_train = int(len(f_tr))
+    return {
+        "steps_run": trainer.global_step,
+        "epochs_run": trainer.current_epoch,
+        "best_epoch": module.best_epoch,
+        "best_step": module.best_step,
+        "best_val_mse": module.best_val,
+        "n_train": n_train,
+        "n_val": int(sum(len(s["y"]) for s in prepared) - n_train),
+        "n_sections": len(prepared),
+        "history": module.history,
+    }

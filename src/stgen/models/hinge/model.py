@@ -1,0 +1,119 @@
+"""HINGE as a :class:`~stgen.models.base.SpotModel`: fit, weights, loading and sampling of a run.
+
+The network is :class:`stgen.models.hinge.network.HINGE` (SoftAdaLN-modulated frozen backbone), trained by
+:func:`stgen.models.hinge.training.train_hinge` and sampled by its K-step unmasking sampler
+(:mod:`stgen.sampling.masking`). ``run.json['hinge']`` holds the architecture (``config``), the masking
+schedule (``T``, ``schedule``, ``zeta``) and the default sampler (``steps``, ``samples``);
+``run.json['backbone']`` describes the frozen backbone (the embedded one's genes and config, or an external
+checkpoint's path and SHA-256, whose weights are then not copied into ``model.safetensors``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from stgen.backbones.embedded import BackboneConfig, ExpressionBackbone
+from stgen.backbones.external import load_external_backbone
+from stgen.errors import InputError
+from stgen.models.base import (FeatureSettings, FitContext, SectionInput, SpotModel, autocast_dtype,
+                               check_sampler_options, load_state_strict)
+from stgen.models.hinge.config import HingeConfig
+from stgen.models.hinge.network import HINGE
+from stgen.models.hinge.training import train_hinge
+from stgen.sampling.masking import MaskSchedule, spot_keys
+
+
+class HingeModel(SpotModel):
+    """A fitted HINGE run: the network, its masking schedule and its sampler defaults."""
+
+    name: ClassVar[str] = "hinge"
+    generative: ClassVar[bool] = True
+    config_cls: ClassVar[type] = HingeConfig
+    needs_backbone: ClassVar[bool] = True
+    needs_xy: ClassVar[bool] = False  # without xy, reveal orders come from the call's own generator
+    in_every_hash: ClassVar[bool] = True
+
+    def __init__(self, net: HINGE, meta: dict, backbone_meta: dict, cfg: HingeConfig) -> None:
+        self.net, self.meta, self.backbone_meta, self.cfg = net, meta, backbone_meta, cfg
+
+    @property
+    def schedule(self) -> MaskSchedule:
+        return MaskSchedule(len(self.net.panel), self.meta["T"], self.meta["schedule"], self.meta["zeta"])
+
+    @classmethod
+    def fit(cls, train: list[SectionInput], panel: list[str], cfg: HingeConfig, features: FeatureSettings,
+            progress: bool = True, context: FitContext | None = None) -> tuple["HingeModel", dict]:
+        """Train the adapter on the pooled spots of ``train`` (targets (N_s, G), G = len(panel); the panel
+        already restricted to the backbone vocabulary) over ``context.backbone``; returns (model, history)."""
+        if context is None or context.backbone is None:
+            raise InputError("hinge needs an expression backbone (FitContext.backbone)")
+        feats = np.concatenate([s.feats for s in train])
+        targets = np.concatenate([s.targets for s in train])
+        schedule = MaskSchedule(len(panel), cfg.T, cfg.schedule, cfg.zeta)
+        torch.manual_seed(cfg.seed)  # the initial weights must not depend on what ran before (pre-training)
+        net = HINGE(context.backbone, panel, feats.shape[1], cfg.T, cfg)
+        history = train_hinge(net, feats, targets, cfg, schedule, progress=progress)
+        meta = {"config": cfg.architecture(), "T": cfg.T, "schedule": cfg.schedule, "zeta": schedule.exponent,
+                "steps": cfg.steps, "samples": cfg.samples, "mask_ratio": cfg.mask_ratio,
+                "curriculum_epochs": cfg.curriculum_epochs,
+                "n_trainable": sum(p.numel() for p in net.trainable_parameters())}
+        return cls(net, meta, dict(context.backbone_meta or {"kind": "default"}), cfg), history
+
+    @property
+    def external(self) -> bool:
+        return self.backbone_meta.get("kind", "default") != "default"
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The adapter and, for the embedded backbone, the backbone (an external backbone stays in its own
+        file; trained backbone weights - LoRA adapters, a Scratch backbone - are always saved)."""
+        frozen = self.net.frozen_state_keys() if self.external else set()
+        return {k: v for k, v in self.net.state_dict().items() if k not in frozen}, self.meta
+
+    def run_entries(self) -> dict:
+        return {"backbone": self.backbone_meta}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict, cfg: HingeConfig) -> "HingeModel":
+        b = meta["backbone"]
+        kind = b.get("kind", "default")
+        if kind == "default":
+            bb = ExpressionBackbone(b["genes"], BackboneConfig(**b["config"]))
+        else:  # refuses a backbone file whose content changed since the fit
+            bb, _ = load_external_backbone(kind, Path(b["path"]), expect_sha256=b["sha256"])
+        h = meta[cls.name]
+        net = HINGE(bb, meta["panel"], meta["feature_dim"], h["T"], HingeConfig.from_architecture(h["config"]))
+        # adapter only with an external backbone: the frozen backbone comes from its own file
+        load_state_strict(net, tensors, cls.weights_file, keep_prefix="backbone." if kind != "default" else None)
+        return cls(net.eval(), h, b, cfg)
+
+    def predict(self, section: SectionInput, features: FeatureSettings, samples: int | None = None,
+                steps: int | None = None, seed: int = 0, progress: bool = False, batch_size: int | None = None,
+                device: str | None = None, precision: str | None = None, **options) -> tuple[np.ndarray, np.ndarray]:
+        """``(mean, sd)`` (N, G) over ``samples`` K-step unmasking samples (K = ``steps``), target units.
+
+        A spot's reveal orders follow from its pixel position (:func:`stgen.sampling.masking.spot_keys`), so
+        its samples do not depend on the other spots predicted with it (a bare-slide grid point equals the same
+        position in a spot file). ``device`` defaults to CUDA when available; ``precision`` (default: the
+        training precision) ``bf16-mixed``/``16-mixed`` samples under autocast; ``batch_size`` is spots x
+        samples per sampler batch (default ``hinge.sample_batch_size``)."""
+        steps = steps or self.meta["steps"]
+        samples = samples or self.meta["samples"]
+        batch_size = batch_size or self.cfg.sample_batch_size
+        check_sampler_options(samples, batch_size)
+        dtype = autocast_dtype(precision or self.cfg.precision)
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        gen = torch.Generator().manual_seed(seed)
+        net = self.net.to(dev)
+        keys = {} if section.xy is None else {"spot_keys": spot_keys(section.xy)}
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+            mean, std = net.generate(torch.as_tensor(section.feats, dtype=torch.float32, device=dev), self.schedule,
+                                     steps=steps, n_samples=samples, generator=gen, progress=progress,
+                                     batch_size=batch_size, **keys)
+        return mean.float().cpu().numpy(), std.float().cpu().numpy()
+
+
+__all__ = ["HingeModel"]

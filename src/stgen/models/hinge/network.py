@@ -1,0 +1,229 @@
+"""HINGE: histology-conditioned generation with a frozen expression backbone.
+
+Dong et al., "Adapting a Pre-trained Single-Cell Foundation Model to Spatial
+Gene Expression Generation from Histology Images" (CVPR 2026):
+
+* the expression backbone (:class:`~stgen.models.backbone.ExpressionBackbone`)
+  is frozen;
+* a condition ``c_t = phi([v; e_t])`` is built from the standardised histology
+  feature ``v`` (B, F) and a sinusoidal timestep embedding ``e_t``;
+* an identity-initialised :class:`~stgen.models.softadaln.SoftAdaLN` sits before
+  every retention and GLU sub-layer, and before the value decoder;
+* the value decoder is initialised from the backbone's pre-trained decoder and
+  trained; only ``phi``, the modulation heads/``eta`` and the decoder train.
+
+The denoiser maps a partially masked expression vector to a prediction of all
+genes: ``forward(x_t (B, G), visible (B, G) bool, t (B,), feats (B, F)) -> (B, G)``.
+
+Ablation switches (:class:`HingeConfig`; HINGE Supp. Tables S2/S3, named
+overrides in :mod:`stgen.ablation`); the defaults are HINGE:
+
+* ``adaptation`` - ``hinge`` (frozen backbone + SoftAdaLN before every
+  sub-layer), ``scratch`` (same model, backbone randomly re-initialised and
+  trained), ``decoder_tune`` (frozen backbone, no per-layer modulation: only
+  the SoftAdaLN before the value decoder), ``lora`` (HINGE + rank-``lora_rank``
+  LoRA on the backbone's retention/GLU projections, :mod:`stgen.models.lora`);
+* ``objective`` - ``mask`` (masked diffusion, :mod:`stgen.masking`) or
+  ``gauss`` (Gaussian diffusion with x0-prediction and DDIM sampling,
+  :mod:`stgen.gaussian`); :meth:`HINGE.generate` dispatches on it;
+* ``soft_norm``, ``identity_init``, ``gate`` - SoftAdaLN switches
+  (:mod:`stgen.models.softadaln`).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+from stgen.errors import InputError
+from stgen.sampling.gaussian import GaussianSchedule, ddim_sample
+from stgen.sampling.masking import MaskSchedule, sample_unmasking, spot_uniforms
+from stgen.backbones.embedded import ExpressionBackbone
+from stgen.nn.lora import add_lora
+from stgen.nn.softadaln import SoftAdaLN
+from stgen.models.hinge.config import HingeConfig
+from stgen.nn.stats import floored_std
+from stgen.nn.embedding import timestep_embedding
+
+
+class HINGE(nn.Module):
+    """HINGE denoiser on a frozen backbone.
+
+    Parameters
+    ----------
+    backbone : pre-trained expression backbone (frozen here, in place; with
+        ``adaptation="scratch"`` re-initialised at random and trained instead,
+        with ``"lora"`` its block projections get LoRA adapters, in place).
+    panel : gene symbols predicted (all must be in the backbone vocabulary).
+    feat_dim : histology feature width ``F`` (1280 for EfficientNet-Lite0).
+    T : masking horizon the timestep embedding is scaled to.
+    config : :class:`HingeConfig`.
+    """
+
+    def __init__(
+        self, backbone: ExpressionBackbone, panel: list[str], feat_dim: int, T: int, config: HingeConfig = HingeConfig()
+    ) -> None:
+        super().__init__()
+        self.config, self.T, self.panel = config, T, list(panel)
+        if config.adaptation == "scratch":
+            random_init_like_(backbone)
+        self.backbone = backbone
+        for p in self.backbone.parameters():
+            p.requires_grad_(config.adaptation == "scratch")
+        # HINGE decodes with its own copy; the backbone's decoder is never used
+        for p in self.backbone.decoder.parameters():
+            p.requires_grad_(False)
+        self.register_buffer("gene_idx", backbone.gene_index(self.panel), persistent=True)
+        self.register_buffer("feat_mean", torch.zeros(feat_dim), persistent=True)
+        self.register_buffer("feat_std", torch.ones(feat_dim), persistent=True)
+        d, c = backbone.config.dim, config.cond_dim
+        self.phi = nn.Sequential(nn.Linear(feat_dim + config.time_dim, c), nn.SiLU(), nn.Linear(c, c))
+        mk = lambda: SoftAdaLN(d, c, soft_norm=config.soft_norm, identity_init=config.identity_init,  # noqa: E731
+                               gate=config.gate)
+        if config.adaptation == "decoder_tune":  # histology enters only before the value decoder
+            self.mod_attn = self.mod_ffn = None
+        else:
+            self.mod_attn = nn.ModuleList(mk() for _ in backbone.blocks)
+            self.mod_ffn = nn.ModuleList(mk() for _ in backbone.blocks)
+        self.mod_dec = mk()
+        self.decoder = copy.deepcopy(backbone.decoder)
+        for p in self.decoder.parameters():
+            p.requires_grad_(True)
+        self.lora_modules = (add_lora(backbone.blocks, config.lora_rank, config.lora_alpha)
+                             if config.adaptation == "lora" else [])
+
+    def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Standardisation of histology features, fitted on training spots.
+
+        Encoder channels that are (near-)constant on the training spots would turn
+        small shifts on a new slide into huge z-scores, so each channel's sd is
+        floored at 10% of the median channel sd (and z-scores are clipped to +-8
+        in :meth:`condition`).
+        """
+        self.feat_mean.copy_(mean)
+        self.feat_std.copy_(floored_std(std))
+
+    def condition(self, feats: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``c_t = phi([v; e_t])``: (B, F), (B,) -> (B, cond_dim)."""
+        v = ((feats - self.feat_mean) / self.feat_std).clamp(-8.0, 8.0)
+        return self.phi(torch.cat([v, timestep_embedding(t, self.config.time_dim, self.T)], dim=-1))
+
+    def forward(self, x_t: torch.Tensor, visible: torch.Tensor, t: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        c = self.condition(feats, t)
+        h = self.backbone.embed(x_t, self.gene_idx, visible)
+        mods = zip(self.mod_attn, self.mod_ffn) if self.mod_attn is not None else itertools.repeat((None, None))
+        for blk, kv, (ma, mf) in zip(self.backbone.blocks, self.backbone.kv_masks(visible), mods):
+            h = blk(h, kv, cond=c, mod_attn=ma, mod_ffn=mf)
+        return self.decoder(self.mod_dec(h, c)[0])
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def frozen_state_keys(self) -> set[str]:
+        """State-dict keys of the frozen backbone (parameters that do not train, and its buffers).
+
+        Training keeps the best epoch's state minus these keys, and a run on an
+        external backbone saves everything else (the adapter, LoRA weights). A
+        ``scratch`` backbone is not pre-trained, so nothing counts as frozen.
+        """
+        if self.config.adaptation == "scratch":
+            return set()
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k for k in self.state_dict() if k.startswith("backbone.") and k not in trainable}
+
+    @torch.no_grad()
+    def generate(
+        self,
+        feats: torch.Tensor,
+        schedule: MaskSchedule,
+        steps: int = 5,
+        n_samples: int = 10,
+        generator: torch.Generator | None = None,
+        batch_size: int = 64,
+        progress: bool = False,
+        spot_keys: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample expression for spots with features ``feats`` (N, F).
+
+        Returns ``(mean (N, G), std (N, G))`` over ``n_samples`` reverse runs of
+        ``steps`` steps each, in the model's target units. All spots of a chunk
+        and all samples are batched together (chunks of ``batch_size`` rows).
+
+        Dispatches on ``config.objective``: ``mask`` runs the K-step unmasking
+        sampler with ``schedule``; ``gauss`` runs K-step deterministic DDIM from
+        pure noise on the cosine schedule over ``schedule.T`` steps
+        (:func:`stgen.gaussian.ddim_sample`; only ``schedule.T`` is used).
+
+        ``spot_keys`` (N,) int64 (:func:`stgen.masking.spot_keys` of the spots'
+        pixel positions) makes each spot's reveal orders depend on its key and
+        one seed drawn from ``generator`` only, so a spot's samples do not depend
+        on the other spots of the call (mask objective).
+        """
+        self.eval()
+        n, device = feats.shape[0], feats.device
+        noise = None
+        if spot_keys is not None and self.config.objective != "gauss":
+            if tuple(spot_keys.shape) != (n,):
+                raise ValueError(f"spot_keys must be ({n},), got {tuple(spot_keys.shape)}")
+            base = int(torch.randint(0, 2**62, (1,), generator=generator))
+            noise = spot_uniforms(spot_keys, n_samples, len(self.panel), base)
+        gauss = GaussianSchedule(schedule.T) if self.config.objective == "gauss" else None
+        first = None
+        if gauss is None and n_samples > 1:  # step 1 (t = T, nothing visible) is the same for every sample
+            g = len(self.panel)
+            first = torch.empty(n, g, device=device)
+            for s in range(0, n, batch_size):
+                f = feats[s : s + batch_size]
+                t_first = torch.full((f.shape[0],), schedule.T, dtype=torch.long, device=device)
+                first[s : s + f.shape[0]] = self(torch.zeros(f.shape[0], g, device=device),
+                                                 torch.zeros(f.shape[0], g, dtype=torch.bool, device=device),
+                                                 t_first, f).float()
+        rows = feats.repeat(n_samples, 1)  # sample-major: (n_samples * N, F)
+        out = torch.empty(rows.shape[0], len(self.panel), device=device)
+        for s in tqdm(range(0, rows.shape[0], batch_size), desc=f"sampling {n_samples}x{n} spots, K={steps}",
+                      disable=not progress, unit="batch"):
+            f = rows[s : s + batch_size]
+
+            def denoise(x, vis, t, f=f):
+                return self(x, vis, torch.full((x.shape[0],), t, dtype=torch.long, device=device), f).float()
+
+            if gauss is not None:
+                def denoise_all(x, t, f=f):  # Gauss-Diff: every gene visible, values noised
+                    return denoise(x, torch.ones_like(x, dtype=torch.bool), t, f)
+
+                out[s : s + batch_size] = ddim_sample(denoise_all, f.shape[0], len(self.panel), gauss, steps,
+                                                      generator, device=device)
+                continue
+            x0_first = None if first is None else first[torch.arange(s, s + f.shape[0], device=device) % n]
+            out[s : s + batch_size] = sample_unmasking(
+                denoise, f.shape[0], schedule, steps, generator, device=device, x0_first=x0_first,
+                order_noise=None if noise is None else noise[s : s + f.shape[0]])
+        out = out.view(n_samples, n, -1)
+        std = out.std(0, unbiased=False) if n_samples > 1 else torch.zeros(n, out.shape[-1], device=device)
+        return out.mean(0), std
+
+
+def random_init_like_(backbone: nn.Module) -> nn.Module:
+    """Re-initialise ``backbone`` in place with a fresh random init of the same architecture.
+
+    The "Scratch" ablation (HINGE Supp. Tables S2/S3): same architecture and
+    vocabulary, no pre-trained knowledge. The fresh weights are those of a
+    newly constructed model of the same class and config (global torch RNG):
+    :class:`ExpressionBackbone`, CellFM (:class:`~stgen.models.cellfm.CellFMBackbone`)
+    or scGPT (:class:`~stgen.models.scgpt.ScGPTBackbone`); InputError for any other type.
+    """
+    from stgen.backbones.cellfm import CellFMBackbone
+    from stgen.backbones.scgpt import ScGPTBackbone
+
+    if isinstance(backbone, ExpressionBackbone):
+        fresh = ExpressionBackbone(backbone.genes, backbone.config)
+    elif isinstance(backbone, CellFMBackbone):
+        fresh = CellFMBackbone(backbone.config, backbone.genes, aliases=backbone.aliases)
+    elif isinstance(backbone, ScGPTBackbone):
+        fresh = ScGPTBackbone(backbone.vocab, backbone.config)
+    else:
+        raise InputError(f"Scratch ablation: cannot re-initialise a backbone of type {type(backbone).__name__}")
+    backbone.load_state_dict(fresh.state_dict(), strict=True)  # copies into the existing tensors (device, dtype)
+    return backbone

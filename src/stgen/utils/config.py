@@ -1,0 +1,51 @@
+"""Helpers of the config dataclasses: YAML number coercion and range checks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+from typing import TYPE_CHECKING
+from stgen.errors import InputError
+if TYPE_CHECKING:  # the benchmark models own their hyper-parameter dataclasses
+    pass
+
+
+def coerce_numbers(cfg: object, section: str) -> None:
+    """Convert a config dataclass's numeric fields in place (YAML gives ``1e-3`` as a string).
+
+    A field whose default is a float becomes ``float``; one whose default is an
+    int must hold a whole number and becomes ``int``; InputError (a
+    ValueError) naming ``section.field`` otherwise (a bool is not a number
+    here). Fields with a bool default are left alone.
+    """
+    for f in fields(cfg):
+        v, d = getattr(cfg, f.name), f.default
+        if v is None or isinstance(d, bool) or not isinstance(d, (int, float)):
+            continue
+        try:
+            if isinstance(v, bool):  # YAML true/false in a numeric field is a mistake, not 1/0
+                raise TypeError
+            x = float(v)
+        except (TypeError, ValueError):
+            raise InputError(f"{section}.{f.name} must be a number, got {v!r}") from None
+        if not math.isfinite(x):
+            raise InputError(f"{section}.{f.name} must be finite, got {v!r}")
+        if isinstance(d, int):
+            if x != int(x):
+                raise InputError(f"{section}.{f.name} must be a whole number, got {v!r}")
+            x = int(x)
+        setattr(cfg, f.name, x)
+
+
+
+def check_ranges(cfg: object, section: str, *, at_least_1: tuple[str, ...] = (), at_least_0: tuple[str, ...] = (),
+                 positive: tuple[str, ...] = (), fraction: tuple[str, ...] = ()) -> None:
+    """InputError naming ``section.field`` for the first field out of its range: ``at_least_1`` >= 1,
+    ``at_least_0`` >= 0, ``positive`` > 0, ``fraction`` in [0, 1) (NaN is out of every range).
+    Used by the config dataclasses' ``__post_init__`` after :func:`coerce_numbers`."""
+    for names, ok, rule in ((at_least_1, lambda v: v >= 1, ">= 1"), (at_least_0, lambda v: v >= 0, ">= 0"),
+                            (positive, lambda v: v > 0, "> 0"), (fraction, lambda v: 0 <= v < 1, "in [0, 1)")):
+        for name in names:
+            v = getattr(cfg, name)
+            if not ok(v):
+                raise InputError(f"{section}.{name} must be {rule}, got {v!r}")

@@ -1,0 +1,157 @@
+"""Every model through the pipeline and `stgen benchmark --models all` on a tiny synthetic Her2ST folder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from stgen.workflows.config import StgenConfig
+from stgen.errors import InputError
+from stgen.models.registry import GENERATIVE, MODELS, SPOT_MODELS, expand_models, spot_model
+from stgen.workflows.rundir import config_hash
+
+# sized so that every model fits the 2 x 30 training spots of the fixture in a second or two
+TINY = {
+    "data": {"n_top": 30},
+    "features": {"encoder": "rgb-stats", "patch_px": 16},
+    "pretrain": {"dim": 16, "n_layers": 2, "n_heads": 2, "value_bins": 8, "epochs": 1, "genes_per_step": 30},
+    "hinge": {"T": 5, "cond_dim": 16, "time_dim": 8, "max_epochs": 1, "es_warmup": 1, "curriculum_epochs": 1,
+              "batch_size": 16, "val_steps": 2, "steps": 2, "samples": 2},
+    "flag": {"dim": 16, "graph_layers": 1, "graph_heads": 2, "dit_layers": 2, "dit_heads": 2, "knn": 8,
+             "crop_spots": 16, "max_steps": 4, "val_every": 4, "val_steps": 1, "steps": 2, "samples": 2},
+    "hifusion": {"d_model": 16, "n_heads": 2, "max_epochs": 2, "batch_size": 16},
+    "stnet": {"encoder_arch": "tiny-cnn", "input_px": 16, "max_epochs": 2, "batch_size": 16},
+    "bleep": {"proj_dim": 16, "max_epochs": 3, "batch_size": 32, "top_k": 5},
+    "stem": {"dim": 16, "layers": 1, "heads": 2, "genes_per_token": 8, "max_steps": 20, "val_every": 10,
+             "val_steps": 2, "steps": 20, "samples": 2},
+    "stflow": {"dim": 16, "layers": 1, "heads": 2, "knn": 8, "dist_basis": 8, "crop_spots": 16, "max_steps": 20,
+               "val_every": 10, "steps": 3, "samples": 2},
+}
+
+
+def test_registry_names_all_and_unknown_models():
+    assert expand_models("all") == list(MODELS) and len(MODELS) == 8
+    assert expand_models("stem, ridge,stem") == ["stem", "ridge"]
+    assert set(GENERATIVE) == {"hinge", "flag", "stem", "stflow"}
+    with pytest.raises(InputError, match="available: hinge, flag, ridge, hifusion, stnet, bleep, stem, stflow"):
+        expand_models("hinge,nope")
+    with pytest.raises(InputError, match="no model"):
+        expand_models(" , ")
+    for name in SPOT_MODELS:
+        cls = spot_model(name)
+        assert cls.name == name and (name in GENERATIVE) == cls.generative
+        assert isinstance(getattr(StgenConfig(), name), cls.config_cls)
+
+
+def test_model_sections_only_enter_their_own_config_hash():
+    base = StgenConfig()
+    # computed before the benchmark models existed: cached hinge/ridge/flag runs stay valid
+    assert config_hash(base, "hinge", "C2") == "af5622a34c38ea10"
+    assert config_hash(base, "ridge", "C2") == "d8f8d1a6a846bb59"
+    assert config_hash(base, "flag", "C2") == "b3da231317e03b6e"
+    other = StgenConfig.from_dict({"stem": {"samples": 7}, "bleep": {"top_k": 3}})
+    for m in ("hinge", "ridge", "flag", "hifusion", "stnet", "stflow"):
+        assert config_hash(other, m, "C2") == config_hash(base, m, "C2"), m
+    for m in ("stem", "bleep"):
+        assert config_hash(other, m, "C2") != config_hash(base, m, "C2"), m
+    # YAML reads 1e-3 as a string: numbers are coerced; a bad value names its key
+    assert StgenConfig.from_dict({"stnet": {"lr": "1e-3"}}).stnet.lr == pytest.approx(1e-3)
+    assert StgenConfig.from_dict({"hifusion": {"lr": "1e-3"}}).hifusion.lr == pytest.approx(1e-3)
+    with pytest.raises(InputError, match="stem.dim must be a number"):
+        StgenConfig.from_dict({"stem": {"dim": True}})
+    with pytest.raises(InputError, match="hifusion.dropout must be in"):
+        StgenConfig.from_dict({"hifusion": {"dropout": 1.0}})
+    with pytest.raises(InputError, match="stnet.max_epochs"):
+        StgenConfig.from_dict({"stnet": {"max_epochs": "many"}})
+    with pytest.raises(InputError, match="hifusion.nope"):
+        StgenConfig.from_dict({"hifusion": {"nope": 1}})
+
+
+def _setup(tmp_path, monkeypatch) -> tuple[list[str], str]:
+    from model_fixtures import synthetic_her2st as _synthetic_her2st
+
+    from stgen.data.panel import default_vocab_path, load_vocabulary
+
+    if default_vocab_path() is None:
+        pytest.skip("CellFM vocabulary not available")
+    markers = ["ERBB2", "FASN", "GNAS"]
+    genes = markers + [g for g in load_vocabulary()[100:130] if g not in markers][:27]
+    _synthetic_her2st(tmp_path / "her2st", genes, np.random.default_rng(3))
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(TINY))
+    monkeypatch.setenv("STGEN_CACHE", str(tmp_path / "cache"))
+    return ["--data", str(tmp_path / "her2st"), "--config", str(tmp_path / "cfg.yaml"), "--quiet"], str(tmp_path)
+
+
+def test_fit_predict_round_trip_for_every_benchmark_model(tmp_path, monkeypatch, one_thread):
+    from typer.testing import CliRunner
+
+    from stgen.cli import app
+    from stgen.workflows.predict import predict
+
+    common, _ = _setup(tmp_path, monkeypatch)
+    image = next((tmp_path / "her2st" / "ST-imgs" / "A" / "A1").glob("*.jpg"))
+    spots = tmp_path / "her2st" / "ST-spotfiles" / "A1_selection.tsv"
+    for name in SPOT_MODELS:
+        run = tmp_path / "runs" / name
+        r = CliRunner().invoke(app, ["fit", "--model", name, "--test-section", "A1", "--out", str(run), *common])
+        assert r.exit_code == 0, (name, r.output)
+        meta = json.loads((run / "run.json").read_text())
+        assert meta["model"] == name and name in meta and (run / "model.safetensors").is_file()
+        assert ("sampler" in meta) == (name in GENERATIVE)
+        a = predict(run, image, spots, tmp_path / f"{name}_a.h5ad", cache_dir=tmp_path / "cache", progress=False)
+        b = predict(run, image, spots, tmp_path / f"{name}_b.h5ad", cache_dir=tmp_path / "cache", progress=False)
+        assert a.shape == (30, len(meta["panel"])) and np.isfinite(a.X).all(), name
+        assert np.array_equal(a.X, b.X), name  # a reloaded run predicts identically with the same seed
+        info = a.uns["stgen"]
+        assert info["model"] == name
+        if name in GENERATIVE:
+            assert (info["steps"], info["samples"]) == (TINY[name]["steps"], TINY[name]["samples"])
+            assert a.layers["std"].max() > 0, name
+        else:
+            assert (info["steps"], info["samples"]) == (0, 1) and not a.layers["std"].any(), name
+
+
+def test_benchmark_all_models_one_report_reused_and_refit_only_what_changed(tmp_path, monkeypatch, one_thread):
+    from stgen.cli import app
+    from typer.testing import CliRunner
+
+    import stgen.workflows.benchmark as benchmark
+    import stgen.workflows.predict as pipeline
+
+    common, root = _setup(tmp_path, monkeypatch)
+    fits, predicts = [], []
+    real_fit, real_predict = benchmark.fit, pipeline.predict
+    monkeypatch.setattr(benchmark, "fit", lambda *a, **kw: fits.append(kw["model"]) or real_fit(*a, **kw))
+    monkeypatch.setattr(pipeline, "predict", lambda *a, **kw: predicts.append(a[3]) or real_predict(*a, **kw))
+    bench = tmp_path / "bench"
+
+    def args(models: str) -> list[str]:
+        return ["benchmark", "--models", models, "--sections", "A2", "--out", str(bench), *common]
+
+    r = CliRunner().invoke(app, args("all"))
+    assert r.exit_code == 0, r.output
+    assert sorted(fits) == sorted(MODELS) and len(predicts) == len(MODELS)
+    df = pd.read_csv(bench / "metrics.csv").set_index("model")
+    assert list(df.index) == list(MODELS)
+    assert np.isfinite(df[["pcc50", "pcc200", "mse", "mae", "gsc", "fit_s", "predict_s", "spots_per_s"]]).all().all()
+    report = (bench / "report.md").read_text()
+    for name in MODELS:
+        assert f"| {name} |" in report, name
+    assert "spots/s" in report
+    assert (bench / "maps_A2.png").stat().st_size > 1000
+    # a re-run trains and predicts nothing; a changed bleep section refits bleep only
+    fits.clear(), predicts.clear()
+    assert CliRunner().invoke(app, args("all")).exit_code == 0
+    assert fits == [] and predicts == []
+    changed = {**TINY, "bleep": {**TINY["bleep"], "top_k": 3}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(changed))
+    r = CliRunner().invoke(app, args("bleep,ridge"))
+    assert r.exit_code == 0, r.output
+    assert fits == ["bleep"] and len(predicts) == 1
+    assert list(pd.read_csv(bench / "metrics.csv").model) == ["bleep", "ridge"]
+    r = CliRunner().invoke(app, args("hinge,stnet2"))
+    assert r.exit_code == 2 and "available: hinge, flag, ridge, hifusion, stnet" in r.output

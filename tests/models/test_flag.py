@@ -1,0 +1,397 @@
+"""FLAG: spot graph, VE-SDE / Heun sampler, model, training and the run-directory round trip."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from stgen.models.flag.config import FlagConfig
+from stgen.workflows.config import StgenConfig
+from stgen.errors import InputError
+from stgen.nn.graph import build_spot_graph
+from stgen.models.flag.network import FLAG
+from stgen.nn.dit import DiTBlock
+from stgen.workflows.rundir import config_hash
+from stgen.models.flag.training import train_flag
+from stgen.sampling.vesde import VESDE, dsm_loss, heun_sample
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = dict(dim=16, graph_layers=1, graph_heads=2, dit_layers=2, dit_heads=2, mlp_ratio=2.0, align_layer=1)
+
+
+def _grid_xy(nx=6, ny=5, step=100.0) -> np.ndarray:
+    return np.stack(np.meshgrid(np.arange(nx), np.arange(ny)), -1).reshape(-1, 2) * step
+
+
+def _model(G=10, F=6, E=8, seed=0, **kw) -> FLAG:
+    torch.manual_seed(seed)
+    emb = torch.randn(G, E) if E else None
+    return FLAG(FlagConfig(**{**TINY, **kw}), G, F, emb)
+
+
+def _section(n_side=(6, 5), G=10, F=6, seed=0):
+    """A section whose expression follows its first image feature (so the histology signal is learnable)."""
+    rng = np.random.default_rng(seed)
+    xy = _grid_xy(*n_side)
+    f = rng.normal(size=(len(xy), F))
+    y = 2.0 + f[:, :1] * np.linspace(-1, 1, G)[None] + 0.1 * rng.normal(size=(len(xy), G))
+    return f, xy, y
+
+
+# ---------------------------------------------------------------- graph
+def test_graph_shapes_self_first_and_edge_channels():
+    rng = np.random.default_rng(0)
+    xy, feats = rng.uniform(0, 1000, size=(20, 2)), rng.normal(size=(20, 7))
+    g = build_spot_graph(xy, feats, sigma_px=224.0, k=5)
+    assert g.neighbors.shape == (20, 5) and g.neighbors.dtype == torch.long
+    assert g.edge_attr.shape == (20, 5, 2) and g.edge_attr.dtype == torch.float32
+    assert g.valid.shape == (20, 5) and g.valid.all()
+    assert torch.equal(g.neighbors[:, 0], torch.arange(20))  # self loop first
+    nb = g.neighbors.numpy()
+    d = np.linalg.norm(xy[:, None] - xy[nb], axis=-1)
+    assert (np.diff(d, axis=1) >= 0).all()  # nearest first
+    full = np.linalg.norm(xy[:, None] - xy[None], axis=-1)
+    assert np.allclose(d[:, -1], np.sort(full, axis=1)[:, 4])  # exactly the 5 nearest
+    np.testing.assert_allclose(g.edge_attr[..., 0].numpy(), np.exp(-d**2 / (2 * 224.0**2)), rtol=1e-5)
+    unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    np.testing.assert_allclose(g.edge_attr[..., 1].numpy(), (unit[:, None] * unit[nb]).sum(-1), atol=1e-5)
+    assert np.allclose(g.edge_attr[:, 0].numpy(), [1.0, 1.0])  # self: RBF 1, cosine 1
+
+
+def test_graph_with_k_at_least_n_is_dense_and_symmetric():
+    rng = np.random.default_rng(1)
+    xy, feats = rng.uniform(0, 500, size=(7, 2)), rng.normal(size=(7, 4))
+    g = build_spot_graph(xy, feats, sigma_px=100.0, k=50)
+    assert g.neighbors.shape == (7, 7)
+    assert all(sorted(row) == list(range(7)) for row in g.neighbors.tolist())
+    dense = torch.zeros(7, 7, 2)
+    dense[torch.arange(7)[:, None], g.neighbors] = g.edge_attr
+    assert torch.allclose(dense, dense.transpose(0, 1), atol=1e-6)  # both channels symmetric
+    assert (dense[..., 0] > 0).all() and (dense[..., 0] <= 1).all()
+
+
+def test_graph_duplicates_subgraph_and_errors():
+    xy = np.array([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [300.0, 0.0]])
+    feats = np.eye(4)
+    g = build_spot_graph(xy, feats, k=3)
+    assert torch.equal(g.neighbors[:, 0], torch.arange(4))  # each duplicate lists itself first
+    assert torch.allclose(g.edge_attr[:3, :, 0], torch.ones(3, 3))  # distance 0 -> RBF 1
+    sub = build_spot_graph(_grid_xy(4, 4), np.ones((16, 3)), k=5).subgraph(torch.tensor([0, 1, 4, 5]))
+    assert sub.n_spots == 4 and (sub.neighbors < 4).all() and sub.valid[:, 0].all()
+    assert not sub.valid.all()  # neighbours outside the crop are padding
+    assert torch.equal(sub.neighbors[~sub.valid], torch.arange(4)[:, None].expand(4, 5)[~sub.valid])
+    bad_xy = xy.copy()
+    bad_xy[1, 0] = np.nan
+    for args, word in [((bad_xy, feats), "xy"), ((xy, np.full((4, 4), np.nan)), "feats"),
+                       ((np.zeros((0, 2)), np.zeros((0, 3))), "xy"), ((xy, feats[:3]), "feats"),
+                       ((np.zeros((4, 3)), feats), "xy")]:
+        with pytest.raises(InputError, match=word):
+            build_spot_graph(*args)
+    with pytest.raises(InputError, match="sigma_px"):
+        build_spot_graph(xy, feats, sigma_px=0)
+
+
+# ---------------------------------------------------------------- VE-SDE
+def test_sigma_schedule_endpoints_monotone_and_log_uniform():
+    sde = VESDE()
+    t = torch.linspace(0, 1, 101)
+    s = sde.sigma(t)
+    assert math.isclose(float(s[0]), 0.01, rel_tol=1e-6) and math.isclose(float(s[-1]), 10.0, rel_tol=1e-6)
+    assert (s.diff() > 0).all()
+    grid = sde.grid(4)
+    assert math.isclose(float(grid[0]), 10.0, rel_tol=1e-6) and math.isclose(float(grid[-1]), 0.01, rel_tol=1e-5)
+    ratios = grid[1:] / grid[:-1]
+    assert torch.allclose(ratios, ratios[0].expand(4), rtol=1e-4)  # geometric
+    draws = sde.sample_sigma((20000,), torch.Generator().manual_seed(0))
+    assert draws.min() >= 0.01 and draws.max() <= 10.0
+    assert abs(float(draws.log().mean()) - math.log(math.sqrt(0.01 * 10.0))) < 0.05  # log-uniform
+    with pytest.raises(InputError):
+        VESDE(1.0, 0.5)
+
+
+def _gaussian_denoiser(mu, s):
+    return lambda x, sig: (s**2 * x + sig**2 * mu) / (s**2 + sig**2)
+
+
+def test_heun_recovers_gaussian_data_and_beats_euler():
+    sde, mu, s = VESDE(), 0.5, 1.0
+    den = _gaussian_denoiser(mu, s)
+    out = heun_sample(den, (20000, 4), sde, 18, torch.Generator().manual_seed(0))
+    assert abs(float(out.mean()) - mu) < 0.1 and abs(float(out.std()) - s) < 0.1
+    # exact probability-flow map of the same initial noise
+    z = torch.randn((20000, 4), generator=torch.Generator().manual_seed(1)) * sde.sigma_max
+    exact = den(mu + (z - mu) * math.sqrt(s**2 + sde.sigma_min**2) / math.sqrt(s**2 + sde.sigma_max**2), sde.sigma_min)
+    err = {order: float((heun_sample(den, (20000, 4), sde, 10, torch.Generator().manual_seed(1), order=order)
+                         - exact).abs().mean()) for order in (1, 2)}
+    assert err[2] < 0.6 * err[1]
+    assert torch.equal(heun_sample(den, (5, 3), sde, 3, torch.Generator().manual_seed(2)),
+                       heun_sample(den, (5, 3), sde, 3, torch.Generator().manual_seed(2)))
+
+
+def test_dsm_loss_is_zero_for_the_exact_denoiser_of_a_point_mass():
+    sde, g = VESDE(), torch.Generator().manual_seed(0)
+    x0 = torch.full((8, 5), 1.3)  # point mass: E[x0 | x_sigma] = 1.3 whatever x_sigma
+    sigma = sde.sample_sigma((8,), g)
+    x = x0 + sigma[:, None] * torch.randn(8, 5, generator=g)
+    assert float(dsm_loss(torch.full_like(x, 1.3), x0, sigma, sde)) == 0.0
+    assert float(dsm_loss(x, x0, sigma, sde)) > 0.5  # the identity is no denoiser
+    # lambda(sigma) = sigma^2 on the score error equals ||D - x0||^2 / sigma^2
+    d = x0 + 0.1 * torch.randn(8, 5, generator=g)
+    score, target = (d - x) / sigma[:, None] ** 2, (x0 - x) / sigma[:, None] ** 2
+    ref = (sigma[:, None] ** 2 * (score - target) ** 2).mean()
+    assert torch.allclose(dsm_loss(d, x0, sigma, sde), ref, rtol=1e-4)
+    mask = torch.tensor([True] * 4 + [False] * 4)
+    assert torch.allclose(dsm_loss(d, x0, sigma, sde, mask=mask), dsm_loss(d[:4], x0[:4], sigma[:4], sde))
+
+
+# ---------------------------------------------------------------- model
+def test_forward_shapes_sigma_forms_and_chunks():
+    m = _model().eval()
+    f, xy, _ = _section()
+    feats, g = torch.as_tensor(f, dtype=torch.float32), build_spot_graph(xy, f, k=8)
+    x = torch.randn(len(xy), 10)
+    d, h = m(x, torch.tensor(0.7), feats, g, return_align=True)
+    assert d.shape == (30, 10) and h.shape == (30, 10, 16)
+    assert torch.allclose(d, m(x, torch.full((30,), 0.7), feats, g), atol=1e-6)
+    assert torch.allclose(d, m(x, 0.7, feats, g, chunk=7), atol=1e-5)
+    with pytest.raises(InputError, match="graph"):
+        m(x[:20], 0.7, feats[:20], g)
+
+
+def test_dit_blocks_are_identity_at_init_and_output_is_the_skip():
+    torch.manual_seed(0)
+    blk = DiTBlock(16, 2, 2.0, 0.0)
+    h, c = torch.randn(3, 9, 16), torch.randn(3, 16)
+    assert torch.equal(blk(h, c), h)
+    m = _model().eval()
+    f, xy, _ = _section()
+    x, sigma = torch.randn(30, 10), torch.tensor(2.0)
+    c_skip = m.sde.precondition(sigma)[1]
+    assert torch.allclose(m(x, sigma, torch.as_tensor(f, dtype=torch.float32), build_spot_graph(xy, f)), c_skip * x)
+    blk.ada[1].bias.data.normal_()  # a trained modulation head is no longer the identity
+    assert not torch.allclose(blk(h, c), h)
+
+
+def test_alignment_loss_zero_when_aligned_and_decreases_when_trained():
+    m = _model(E=16)
+    e = m.gene_embeddings
+    proj = m.align_proj
+    m.align_proj = torch.nn.Identity()
+    assert float(m.align_loss(3.0 * e[None].expand(4, -1, -1))) < 1e-6
+    assert float(m.align_loss(-e[None].expand(4, -1, -1))) > 1.9
+    m.align_proj = proj
+    h = torch.randn(4, 10, 16)
+    opt = torch.optim.Adam(m.align_proj.parameters(), lr=1e-2)
+    before = float(m.align_loss(h).detach())
+    for _ in range(20):
+        opt.zero_grad()
+        m.align_loss(h).backward()
+        opt.step()
+    assert float(m.align_loss(h).detach()) < before - 0.1
+    assert float(_model(E=0).align_loss(h)) == 0.0  # no embeddings, no alignment
+
+
+def _fixed_dsm(m: FLAG, sec, graph) -> float:
+    """DSM loss of ``m`` over fixed noise levels and noise (normalised units)."""
+    f, _, y = sec
+    feats = torch.as_tensor(f, dtype=torch.float32)
+    x0 = m.normalise(torch.as_tensor(y, dtype=torch.float32))
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        losses = []
+        for sigma in m.sde.grid(7):
+            x = x0 + sigma * torch.randn(x0.shape, generator=g)
+            losses.append(float(dsm_loss(m(x, sigma, feats, graph), x0, sigma, m.sde, weighting="edm")))
+    return float(np.mean(losses))
+
+
+def test_a_few_training_steps_lower_the_dsm_loss_and_keep_best_weights():
+    secs = [_section(seed=s) for s in range(2)]
+    cfg = FlagConfig(**TINY, max_steps=200, val_every=100, crop_spots=30, val_steps=2, lr=5e-3, knn=8)
+    m = _model()
+    graph = build_spot_graph(secs[0][1], secs[0][0], k=8)
+    y = torch.as_tensor(np.concatenate([s[2] for s in secs]), dtype=torch.float32)
+    m.set_target_stats(y.mean(0), y.std(0))
+    before = _fixed_dsm(m, secs[0], graph)
+    hist = train_flag(m, secs, cfg, lambda xy, f: build_spot_graph(xy, f, k=8), progress=False)
+    assert _fixed_dsm(m, secs[0], graph) < 0.8 * before
+    assert hist["steps_run"] == 200 and len(hist["history"]) == 2 and hist["n_val"] == 6
+    assert hist["best_val_mse"] == min(r["val_mse"] for r in hist["history"])
+    assert all(np.isfinite(r["train_align"]) for r in hist["history"])
+    assert not m.training
+
+
+def test_generate_is_deterministic_finite_and_in_target_units():
+    m = _model().eval()
+    f, xy, y = _section()
+    m.set_target_stats(torch.full((10,), 100.0), torch.full((10,), 0.01))
+    feats, g = torch.as_tensor(f, dtype=torch.float32), build_spot_graph(xy, f, k=8)
+    a = m.generate(feats, g, n_samples=3, steps=4, generator=torch.Generator().manual_seed(0))
+    b = m.generate(feats, g, n_samples=3, steps=4, generator=torch.Generator().manual_seed(0))
+    c = m.generate(feats, g, n_samples=3, steps=4, generator=torch.Generator().manual_seed(1))
+    assert a[0].shape == a[1].shape == (30, 10)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
+    assert torch.isfinite(a[0]).all() and (a[1] > 0).all()
+    assert (a[0] - 100.0).abs().max() < 5.0  # denormalised around the target mean (sd 0.01 x O(1))
+    one = m.generate(feats, g, n_samples=1, steps=2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(one[1], torch.zeros(30, 10))
+
+
+def test_gene_token_embeddings_for_every_backbone():
+    from stgen.backbones.embedded import BackboneConfig, ExpressionBackbone
+    from stgen.backbones.cellfm import CellFMBackbone, CellFMConfig
+    from stgen.backbones.external import gene_token_embeddings
+    from stgen.backbones.scgpt import ScGPTBackbone, ScGPTConfig
+
+    torch.manual_seed(0)
+    emb = ExpressionBackbone([f"G{i}" for i in range(20)], BackboneConfig(dim=8, n_layers=1, n_heads=2, value_bins=4))
+    cellfm = CellFMBackbone(CellFMConfig.tiny(), [f"G{i}" for i in range(50)])
+    vocab = {"<pad>": 0, **{f"G{i}": i + 1 for i in range(30)}}
+    scgpt = ScGPTBackbone(vocab, ScGPTConfig(dim=32, n_heads=4, d_hid=32, n_layers=2))
+    genes = ["G3", "G0", "G7"]
+    for bb, table, rows in [(emb, emb.gene_emb.weight, [3, 0, 7]), (cellfm, cellfm.gene_emb, [4, 1, 8]),
+                            (scgpt, scgpt.encoder.embedding.weight, [4, 1, 8])]:
+        e = gene_token_embeddings(bb, genes)
+        assert e.shape == (3, table.shape[1]) and not e.requires_grad
+        assert torch.equal(e, table.detach()[rows])
+        with pytest.raises(InputError, match="NOPE"):
+            gene_token_embeddings(bb, ["G1", "NOPE"])
+    with pytest.raises(InputError, match="Linear"):
+        gene_token_embeddings(torch.nn.Linear(2, 2), genes)
+
+
+# ---------------------------------------------------------------- config hashes and the pipeline
+def test_hinge_and_ridge_config_hashes_are_unchanged_by_the_flag_section():
+    cfg = StgenConfig()
+    # computed with the code before FLAG existed
+    assert config_hash(cfg, "hinge", "C2") == "af5622a34c38ea10"
+    assert config_hash(cfg, "ridge", "C2") == "d8f8d1a6a846bb59"
+    other = StgenConfig.from_dict({"flag": {"dim": 8, "dit_heads": 1}})
+    assert config_hash(other, "hinge", "C2") == "af5622a34c38ea10"
+    assert config_hash(other, "flag", "C2") != config_hash(cfg, "flag", "C2")
+    with pytest.raises(InputError, match="flag.nope"):
+        StgenConfig.from_dict({"flag": {"nope": 1}})
+
+
+def _synthetic_setup(tmp_path, monkeypatch, n_top: int, seed: int, **flag) -> None:
+    """A Her2ST-like folder ``her2st`` (imaged A1-A3; 30 genes, ERBB2/FASN/GNAS first) and
+    ``cfg.yaml``, a configuration that fits FLAG in about a second; the cache goes under ``tmp_path``."""
+    from model_fixtures import synthetic_her2st as _synthetic_her2st
+
+    from stgen.data.panel import default_vocab_path, load_vocabulary
+
+    if default_vocab_path() is None:
+        pytest.skip("CellFM vocabulary not available")
+    markers = ["ERBB2", "FASN", "GNAS"]  # the benchmark maps these
+    genes = markers + [g for g in load_vocabulary()[100:130] if g not in markers][:27]
+    _synthetic_her2st(tmp_path / "her2st", genes, np.random.default_rng(seed))
+    cfg = {"data": {"n_top": n_top}, "features": {"encoder": "rgb-stats", "patch_px": 16},
+           "pretrain": {"dim": 16, "n_layers": 2, "n_heads": 2, "value_bins": 8, "epochs": 1, "genes_per_step": 30},
+           "flag": {**TINY, "knn": 8, "crop_spots": 16, "val_steps": 1, "steps": 2, "samples": 2, **flag}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("STGEN_CACHE", str(tmp_path / "cache"))
+
+
+def test_fit_load_predict_round_trip_on_synthetic_data(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from stgen.cli import app
+    from stgen.workflows.rundir import load_run
+    from stgen.workflows.predict import predict
+
+    _synthetic_setup(tmp_path, monkeypatch, n_top=20, seed=0, max_steps=6, val_every=3)
+    run_dir = tmp_path / "run"
+    r = CliRunner().invoke(app, ["fit", "--model", "flag", "--data", str(tmp_path / "her2st"), "--test-section", "A1",
+                                 "--out", str(run_dir), "--config", str(tmp_path / "cfg.yaml"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["model"] == "flag" and meta["flag"]["steps"] == 2 and meta["flag"]["samples"] == 2
+    assert meta["flag"]["sigma_px"] == 16.0 and meta["flag"]["knn"] == 8 and meta["flag"]["embedding_dim"] == 16
+    assert meta["flag"]["config"]["dim"] == 16 and meta["flag"]["n_trainable"] > 0
+    assert meta["training"]["steps_run"] == 6 and meta["config_hash"] == config_hash(
+        StgenConfig.load(tmp_path / "cfg.yaml"), "flag", "A1")
+    assert "genes" not in meta["backbone"]
+    image = next((tmp_path / "her2st" / "ST-imgs" / "A" / "A1").glob("*.jpg"))
+    spots = tmp_path / "her2st" / "ST-spotfiles" / "A1_selection.tsv"
+    a = predict(run_dir, image, spots, tmp_path / "p1.h5ad", cache_dir=tmp_path / "cache", progress=False)
+    b = predict(run_dir, image, spots, tmp_path / "p2.h5ad", cache_dir=tmp_path / "cache", progress=False)
+    assert a.shape == (30, len(meta["panel"])) and np.isfinite(a.X).all()
+    assert np.array_equal(a.X, b.X) and np.array_equal(a.layers["std"], b.layers["std"])  # reloaded: identical
+    assert a.uns["stgen"]["model"] == "flag" and a.uns["stgen"]["steps"] == 2 and a.uns["stgen"]["samples"] == 2
+    run = load_run(run_dir)
+    feats = np.random.default_rng(0).normal(size=(30, meta["feature_dim"]))
+    with pytest.raises(InputError, match="xy"):
+        run.predict(feats)
+    m1, _ = run.predict(feats, xy=a.obsm["spatial"])
+    m2, _ = load_run(run_dir).predict(feats, xy=a.obsm["spatial"])
+    assert np.array_equal(m1, m2)
+
+
+def test_stgen_benchmark_runs_flag(tmp_path, monkeypatch):
+    """`stgen benchmark --seeds 2`: two predictions per generative model, one for ridge, seed-sd columns and
+    the sampling-variance table; a second run re-uses every current prediction (no predict call)."""
+    from stgen.cli import app
+    import anndata as ad
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    import stgen.workflows.predict as pipeline
+    from stgen.workflows.benchmark import METRICS
+
+    _synthetic_setup(tmp_path, monkeypatch, n_top=30, seed=1, max_steps=4, val_every=4)  # every gene: the markers too
+    calls, real_predict = [], pipeline.predict
+
+    def counting_predict(run_dir, image, spots, out, **kw):
+        calls.append(f"{out.parent.name}/{out.name}")
+        return real_predict(run_dir, image, spots, out, **kw)
+
+    monkeypatch.setattr(pipeline, "predict", counting_predict)
+    bench = tmp_path / "bench"
+    args = ["benchmark", "--models", "flag,ridge", "--sections", "A2", "--data", str(tmp_path / "her2st"), "--out",
+            str(bench), "--config", str(tmp_path / "cfg.yaml"), "--quiet"]
+    r = CliRunner().invoke(app, [*args, "--seeds", "2"])
+    assert r.exit_code == 0, r.output
+    assert sorted(calls) == ["flag/A2.h5ad", "flag/A2_seed1.h5ad", "ridge/A2.h5ad"]
+    assert sorted(p.name for p in (bench / "preds" / "flag").iterdir()) == ["A2.h5ad", "A2_seed1.h5ad"]
+    assert [p.name for p in (bench / "preds" / "ridge").iterdir()] == ["A2.h5ad"]
+    assert ad.read_h5ad(bench / "preds" / "flag" / "A2_seed1.h5ad").uns["stgen"]["seed"] == 1
+    df = pd.read_csv(bench / "metrics.csv").set_index("model")
+    assert list(df.index) == ["flag", "ridge"] and df.loc["flag", "n_seeds"] == 2 and df.loc["ridge", "n_seeds"] == 1
+    assert {f"{m}_seed_sd" for m in METRICS} <= set(df.columns)
+    assert (df.loc["ridge", [f"{m}_seed_sd" for m in ("pcc50", "mse", "gsc", "ssc")]] == 0).all()
+    seeds = pd.read_csv(bench / "metrics_seeds.csv")
+    flag = seeds[seeds.model == "flag"]
+    assert sorted(flag.seed) == [0, 1] and (seeds.model == "ridge").sum() == 1
+    for m in ("pcc50", "mse", "ssc", "ari", "deg_top20"):
+        assert df.loc["flag", m] == pytest.approx(flag[m].mean())
+        assert df.loc["flag", f"{m}_seed_sd"] == pytest.approx(flag[m].std(ddof=0), abs=1e-12)
+    assert np.isfinite(df[["pcc50", "mse", "ssc", "rvd", "ssim", "ari", "nmi", "predict_s"]].to_numpy()).all()
+    report = (bench / "report.md").read_text()
+    assert "## Sampling variance (2 seeds)" in report and "SSC sd" in report
+    assert not [ln for ln in report.splitlines() if ln.startswith("|") and "nan" in ln.lower()]
+    for name in ("morans_A2.png", "ssc_by_section.png", "pcc50_by_section.png", "gsc_by_section.png"):
+        assert (bench / name).stat().st_size > 1000, name
+    # a second run re-uses all three predictions and reports their stored predict time
+    calls.clear()
+    r = CliRunner().invoke(app, [*args, "--seeds", "2"])
+    assert r.exit_code == 0, r.output
+    assert calls == []
+    again = pd.read_csv(bench / "metrics.csv").set_index("model")
+    assert np.allclose(again[["predict_s", "pcc50", "ssc"]], df[["predict_s", "pcc50", "ssc"]])
+    # --seeds 1 (the default): seed 0 only, re-used; no seed columns, no sampling-variance table
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    one = pd.read_csv(bench / "metrics.csv")
+    assert calls == [] and not any(c.endswith("_seed_sd") for c in one.columns) and "n_seeds" not in one.columns
+    assert set(METRICS) <= set(one.columns) and "Sampling variance" not in (bench / "report.md").read_text()
+    r = CliRunner().invoke(app, [*args, "--seeds", "0"])
+    assert r.exit_code == 2 and "--seeds" in r.output
+    r = CliRunner().invoke(app, ["fit", "--model", "nope", "--data", str(tmp_path / "her2st"), "--test-section", "A1",
+                                 "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "flag" in r.output
