@@ -17,7 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from stgen.pipeline import default_data_dir, fit, image_for_section, predict
+from stgen.workflows.paths import default_data_dir, image_for_section
+from stgen.workflows.fit import fit
+from stgen.workflows.predict import predict
 
 
 def main() -> None:

@@ -99,7 +99,7 @@ def sampler_flops(run, feats: np.ndarray, k: int, batch_size: int, device: str) 
 
 
 def _scores(pred: np.ndarray, truth: np.ndarray, genes) -> dict:
-    from stgen.metrics import evaluate
+    from stgen.evaluation.metrics import evaluate
 
     m = evaluate(pred, truth, genes)
     return {"pcc50": m["pcc50"], "pcc200": m["pcc200"], "mse": m["mse"]}
@@ -119,9 +119,10 @@ def _section_inputs(run, args) -> tuple[np.ndarray, np.ndarray, str]:
         if args.feats is None or args.truth is None:
             sys.exit("--feats and --truth go together")
         return np.load(args.feats).astype(np.float32), np.load(args.truth).astype(np.float64), "(--feats/--truth)"
-    from stgen.analysis import section_truth
+    from stgen.workflows.analysis import section_truth
     from stgen.data.her2st import read_section
-    from stgen.pipeline import default_cache_dir, default_data_dir, section_features
+    from stgen.workflows.paths import default_cache_dir, default_data_dir
+    from stgen.workflows.inputs import section_features
 
     data = args.data or default_data_dir()
     section = args.section or run.meta.get("test_section")
@@ -154,8 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     args = ap.parse_args(argv)
 
-    from stgen.io import write_json
-    from stgen.pipeline import load_run
+    from stgen.utils.io import write_json
+    from stgen.workflows.rundir import load_run
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -210,7 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
         rfeats = feats
         if args.feats is None and ridge.cfg.features != run.cfg.features:
             from stgen.data.her2st import read_section
-            from stgen.pipeline import default_cache_dir, default_data_dir, section_features
+            from stgen.workflows.paths import default_cache_dir, default_data_dir
+            from stgen.workflows.inputs import section_features
 
             adata = read_section(args.data or default_data_dir(), section, require_image=True)
             rfeats = section_features(adata, ridge.cfg, Path(args.cache or default_cache_dir()), progress=False)

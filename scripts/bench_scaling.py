@@ -9,7 +9,7 @@ What is measured
 Every measurement runs in a FRESH child process (this script with ``--child JSON``), so the peak
 resident set size of the child belongs to that one measurement. The child reports, as one JSON
 line: ``import_s`` (importing stgen, torch, ...), ``data_s`` (reading the cached synthetic inputs),
-``load_s`` (``stgen.pipeline.load_run``, or building the model) and ``work_s``, the time of the
+``load_s`` (``stgen.workflows.rundir.load_run``, or building the model) and ``work_s``, the time of the
 measured call alone (``TrainedRun.predict``, a fit, or the training epochs): *time excluding model
 loading*, with ``work_cpu_s`` its CPU time (user + system over all threads; OpenMP spin-waiting
 counts, so it too rises when other jobs share the cores). A predict or ridge-fit call runs once on
@@ -46,9 +46,9 @@ this (the reference run shared 2 CPU cores with other jobs; use ``nice`` and ``O
      not run by default; ``--flag-samples``/``--flag-steps``/``--flag-chunk`` reduce the work.
      ``graph_s`` is the time of building that graph alone (measured once more, before the predict).
    * ``fit/ridge`` (``--ridge-fit-spots``): ``RidgeBaseline(256).fit(feats, targets)`` (250 genes).
-   * ``fit-epoch/hinge`` (``--fit-spots``, default 1k and 10k): ``stgen.train.train_hinge`` of a
+   * ``fit-epoch/hinge`` (``--fit-spots``, default 1k and 10k): ``stgen.models.hinge.training.train_hinge`` of a
      fresh HINGE adapter on the run's pre-trained backbone and 250-gene panel, ``--fit-epochs``
-     epochs (default 1, no early stopping), production ``HingeTrainConfig`` otherwise (batch 32, 10%
+     epochs (default 1, no early stopping), production ``HingeConfig`` otherwise (batch 32, 10%
      validation by sampling with K = 5), after a warm-up forward/backward pass on one batch.
      Reported: the time of the last epoch (training steps plus its validation; ``work_s``), its
      training part, and optimizer steps/s. Epoch times come from
@@ -68,7 +68,7 @@ this (the reference run shared 2 CPU cores with other jobs; use ``nice`` and ``O
    process for the HINGE and ridge runs ``RUNS/{hinge,ridge}/<section>`` (run defaults: HINGE 10
    samples x K = 5). Features come from the feature cache (``--cache``), so this is the prediction
    cost, plus reading the JPEG's thumbnail. ``work_s`` is the prediction's own
-   ``uns['stgen']['predict_s']`` (the wall time inside ``stgen.pipeline.predict``, load included)
+   ``uns['stgen']['predict_s']`` (the wall time inside ``stgen.workflows.predict.predict``, load included)
    and ``wall_s`` the whole child (interpreter start and imports too). Fit time on real data is NOT
    re-measured: it is read from each run's ``run.json`` ``timings`` (``fit_total_s``, ``train_s``),
    as the output says.
@@ -186,7 +186,7 @@ def _peak_rss_mib() -> dict:
 
 def _hinge_epoch_timer():
     """Wrap HingeModule's epoch hooks (in this process only) to timestamp every epoch's phases."""
-    from stgen.train import HingeModule
+    from stgen.models.hinge.training import HingeModule
 
     marks: list[tuple[str, float, int]] = []
 
@@ -221,13 +221,13 @@ def _epochs_from_marks(marks) -> list[dict]:
 
 def _train_hinge_epochs(net, feats, targets, epochs: int) -> dict:
     """Train ``net`` for ``epochs`` epochs (no early stopping) and time them."""
-    from stgen.config import HingeTrainConfig
-    from stgen.masking import MaskSchedule
-    from stgen.train import train_hinge
+    from stgen.models.hinge.config import HingeConfig
+    from stgen.sampling.masking import MaskSchedule
+    from stgen.models.hinge.training import train_hinge
 
     import torch
 
-    h = HingeTrainConfig(max_epochs=epochs, es_warmup=epochs + 1, patience=epochs + 1)
+    h = HingeConfig(max_epochs=epochs, es_warmup=epochs + 1, patience=epochs + 1)
     schedule = MaskSchedule(len(net.panel), h.T, h.schedule, h.zeta)
     # warm-up: one forward + backward pass on one batch (thread pools, allocator, autograd kernels), so that
     # a single measured epoch is not dominated by one-time costs; no optimizer step, gradients dropped
@@ -254,25 +254,28 @@ def _train_hinge_epochs(net, feats, targets, epochs: int) -> dict:
 
 def _hinge_panel_model(genes: int, n_vocab: int = 17315):
     """A HINGE on a randomly initialised default-size backbone over a synthetic vocabulary; panel = first G."""
+    from stgen.models.hinge.config import HingeConfig
     import torch
-    from stgen.config import HingeTrainConfig, PretrainConfig
-    from stgen.models.backbone import BackboneConfig, ExpressionBackbone
-    from stgen.models.hinge import HINGE, HingeConfig
+    from stgen.backbones.pretrain import PretrainConfig
+    from stgen.backbones.embedded import BackboneConfig, ExpressionBackbone
+    from stgen.models.hinge.network import HINGE
 
     p = PretrainConfig()
     vocab = [f"GENE{i:05d}" for i in range(max(n_vocab, genes))]
     torch.manual_seed(0)
     bb = ExpressionBackbone(vocab, BackboneConfig(dim=p.dim, n_layers=p.n_layers, n_heads=p.n_heads,
                                                   value_bins=p.value_bins)).eval()
-    h = HingeTrainConfig()
-    return HINGE(bb, vocab[:genes], FEAT_DIM, h.T, HingeConfig.from_train_config(h)), h
+    h = HingeConfig()
+    return HINGE(bb, vocab[:genes], FEAT_DIM, h.T, h), h
 
 
 def child_main(spec: dict) -> dict:
     t0 = time.perf_counter()
     import torch  # noqa: F401  (import cost is reported apart)
-    import stgen.pipeline as pipeline
-    import stgen.train  # noqa: F401
+    import stgen.models.hinge.training  # noqa: F401
+    import stgen.workflows.predict as predict_mod
+    import stgen.workflows.rundir as rundir
+    from stgen.models.flag.model import graph_builder
 
     res: dict = {"import_s": time.perf_counter() - t0, "threads": torch.get_num_threads()}
     task = spec["task"]
@@ -326,7 +329,7 @@ def child_main(spec: dict) -> dict:
 
     t = time.perf_counter()
     if task == "predict":
-        run = pipeline.load_run(spec["run"])
+        run = rundir.load_run(spec["run"])
         res["load_s"] = time.perf_counter() - t
         res["n_genes"] = len(run.panel)
         def call(k=None):
@@ -335,30 +338,31 @@ def child_main(spec: dict) -> dict:
 
         if run.meta["model"] == "flag":  # FLAG builds its kNN spot graph inside predict: time that part alone
             t = time.perf_counter()
-            pipeline.graph_builder(run.meta["flag"])(xy, feats)
+            graph_builder(run.meta["flag"])(xy, feats)
             res["graph_s"] = time.perf_counter() - t
         mean, _ = timed(call, warmup=lambda: call(64))
         assert mean.shape == (len(feats), len(run.panel)) and np.isfinite(mean).all()
         if run.meta["model"] != "ridge":
-            h = pipeline.sampler_defaults(run.meta)
+            h = predict_mod.sampler_defaults(run.meta)
             res["samples"] = spec.get("samples") or h.get("samples")
             res["steps"] = spec.get("steps") or h.get("steps")
     elif task == "fit_ridge":
-        from stgen.models.ridge import RidgeBaseline
+        from stgen.models.ridge.model import RidgeBaseline
 
         res["load_s"] = time.perf_counter() - t
         timed(lambda: RidgeBaseline(n_components=256, seed=42).fit(feats, targets),
               warmup=lambda: RidgeBaseline(n_components=32, seed=42).fit(feats[:64], targets[:64]))
         res["n_genes"] = int(targets.shape[1])
     elif task == "fit_hinge":
-        from stgen.models.hinge import HINGE, HingeConfig
+        from stgen.models.hinge.network import HINGE
+        from stgen.models.hinge.config import HingeConfig
 
-        run = pipeline.load_run(spec["run"])
+        run = rundir.load_run(spec["run"])
         m = run.meta["hinge"]
         import torch
 
         torch.manual_seed(42)
-        net = HINGE(run.model.backbone, run.panel, FEAT_DIM, m["T"], HingeConfig(**m["config"]))
+        net = HINGE(run.model.net.backbone, run.panel, FEAT_DIM, m["T"], HingeConfig.from_architecture(m["config"]))
         res["load_s"] = time.perf_counter() - t
         res["n_genes"] = len(run.panel)
         res.update(_train_hinge_epochs(net, feats, targets[:, : len(run.panel)], spec["epochs"]))
@@ -370,14 +374,17 @@ def child_main(spec: dict) -> dict:
             res.update(_train_hinge_epochs(net, feats, targets, spec["epochs"]))
         else:
             import torch
-            from stgen.config import StgenConfig
+            from stgen.workflows.config import StgenConfig
 
             f = torch.as_tensor(feats)
             net.set_feature_stats(f.mean(0), f.std(0))
             meta = {"model": "hinge", "panel": net.panel,
                     "hinge": {"T": h.T, "schedule": h.schedule, "zeta": h.zeta, "steps": h.steps,
                               "samples": h.samples}}
-            run = pipeline.TrainedRun(meta, StgenConfig(), net.eval())
+            from stgen.models.hinge.model import HingeModel
+
+            cfg = StgenConfig()
+            run = rundir.TrainedRun(meta, cfg, HingeModel(net.eval(), meta["hinge"], {"kind": "default"}, cfg.hinge))
             def call(k=None):
                 return run.predict(feats[:k], samples=spec["samples"], steps=spec["steps"], xy=xy[:k], device="cpu")
 
@@ -513,7 +520,7 @@ def main() -> None:
         return row
 
     base = measure("baseline", "idle", "-", None, None, {"task": "baseline"},
-                   "idle child: imports stgen.pipeline, stgen.train, torch")
+                   "idle child: imports stgen.workflows, the HINGE training, torch")
     base_rss = base.get("peak_rss_mib", 0.0)
 
     def synth(n: int, genes: int = REF_GENES) -> dict:

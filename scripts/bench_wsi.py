@@ -32,7 +32,7 @@ STGEN = [sys.executable, "-m", "stgen.cli"]
 
 
 def tissue_tile(size: int):
-    """``tile_fn`` of :func:`stgen.slide.write_pyramidal_tiff`: white glass with a textured pink ellipse
+    """``tile_fn`` of :func:`stgen.image.slide.write_pyramidal_tiff`: white glass with a textured pink ellipse
     (centre of the slide, semi-axes 0.35 and 0.25 of its side) - the same picture at every level."""
     cx = cy = size / 2.0
     ax, ay = 0.35 * size, 0.25 * size
@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/stgen_bench_wsi"))
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
-    from stgen.slide import open_slide, write_pyramidal_tiff
+    from stgen.image.slide import open_slide, write_pyramidal_tiff
 
     args.out.mkdir(parents=True, exist_ok=True)
     slide = args.out / f"synthetic_{args.size}.tif"

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 SECTION=${SECTION:-C2}
 OUT=${OUT:-reports/$SECTION}
-DATA=${STGEN_DATA:-$(.venv/bin/python -c "from stgen.pipeline import default_data_dir; print(default_data_dir())")}
+DATA=${STGEN_DATA:-$(.venv/bin/python -c "from stgen.workflows.paths import default_data_dir; print(default_data_dir())")}
 IMG=$(ls "$DATA"/ST-imgs/*/"$SECTION"/*.jpg | head -1)
 export PYTHONUNBUFFERED=1
 .venv/bin/stgen pretrain --data "$DATA"

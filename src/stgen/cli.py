@@ -21,11 +21,12 @@ from stgen.workflows.config import StgenConfig
 from stgen.errors import StgenError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Spatial gene expression from H&E histology (HINGE on a frozen expression backbone, FLAG, ridge).")
+                  help="Spatial gene expression from H&E histology. Models: hinge (HINGE, the flagship), flag (FLAG), "
+                       "ridge, hifusion (HiFusion), stnet (ST-Net), bleep (BLEEP), stem (Stem), stflow (STFlow).")
 
 DataOpt = typer.Option(None, "--data", help="data folder: Her2ST (ST-cnts/, ST-spotfiles/, ST-imgs/), HEST-1k, Space Ranger "
                        "samples or <section>.h5ad files (see --format); default: ../shared/data/her2st")
-ConfigOpt = typer.Option(None, "--config", help="YAML file overriding defaults (see stgen.config)")
+ConfigOpt = typer.Option(None, "--config", help="YAML file overriding defaults (see stgen.workflows.config)")
 CacheOpt = typer.Option(None, "--cache", help="feature/backbone cache folder (default $STGEN_CACHE or ./.stgen_cache)")
 QuietOpt = typer.Option(False, "--quiet", help="no progress bars")
 

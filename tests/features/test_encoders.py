@@ -1,4 +1,4 @@
-"""Foundation-model encoders (stgen.encoders) and their spec/registry integration (stgen.features).
+"""Foundation-model encoders (stgen.features.spec) and their spec/registry integration (stgen.features.extract).
 
 Checkpoints are tiny but in the exact upstream key layout and file format (``torch.save``'d
 state dicts / safetensors); the forward passes are checked against a straightforward reference

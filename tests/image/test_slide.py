@@ -1,4 +1,4 @@
-"""Lazy whole-slide reading (stgen.slide) against the in-memory reference extract_patches."""
+"""Lazy whole-slide reading (stgen.image.slide) against the in-memory reference extract_patches."""
 
 from __future__ import annotations
 

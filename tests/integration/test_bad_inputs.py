@@ -3,8 +3,8 @@
 One test per item of the bad-input list: truncated gzip, wrong delimiters, duplicated spot ids,
 coordinates outside the image, NaN/Inf/negative counts, zero-count spots, a single-spot section, an
 image that is not an image, a panel gene missing from a new section and a full disk on write. Each
-goes through the public readers (:mod:`stgen.data.her2st`, :mod:`stgen.data.readers`,
-:func:`stgen.slide.open_slide`) and, where a user meets it, through the CLI (``stgen predict`` /
+goes through the public readers (:mod:`stgen.data.her2st`, :mod:`stgen.data.dataset`,
+:func:`stgen.image.slide.open_slide`) and, where a user meets it, through the CLI (``stgen predict`` /
 ``evaluate`` with :class:`typer.testing.CliRunner`): exit code 2, one stderr line ``error: ...``
 naming the file, and no output file.
 
@@ -145,7 +145,7 @@ def assert_cli_error(r, *names: str) -> str:
 
 
 def no_temp_files(dest: Path) -> bool:
-    """No ``.<name>.*`` temporary left next to ``dest`` (stgen.io.atomic_path / atomic_dir)."""
+    """No ``.<name>.*`` temporary left next to ``dest`` (stgen.utils.io.atomic_path / atomic_dir)."""
     return not list(Path(dest).parent.glob(f".{Path(dest).name}.*"))
 
 
@@ -427,8 +427,8 @@ def _enospc_after_partial_write(path) -> None:
 
 def test_disk_full_on_write(tmp_path: Path, run: SimpleNamespace, monkeypatch) -> None:
     """A full disk while writing is not an input error, but neither is it a bug worth a traceback:
-    :func:`stgen.io.atomic_path` (and ``atomic_dir``) turn ENOSPC/EDQUOT - also when a library
-    wraps it in its own message, as h5py does - into :class:`stgen.io.OutputError` (a
+    :func:`stgen.utils.io.atomic_path` (and ``atomic_dir``) turn ENOSPC/EDQUOT - also when a library
+    wraps it in its own message, as h5py does - into :class:`stgen.utils.io.OutputError` (a
     :class:`StgenError` that is also an ``OSError`` with its errno), message ``no space left on device
     writing <dest>``; the CLI prints it as one ``error:`` line with exit code 2. The destination keeps
     its previous content and the temporary file is removed."""
@@ -578,7 +578,7 @@ def test_predict_seed_out_of_range(tmp_path: Path, run: SimpleNamespace) -> None
 
 
 def test_predict_maps_folder_that_is_a_file(tmp_path: Path, run: SimpleNamespace) -> None:
-    """``--maps FILE``: the prediction is written, then the maps fail (``error: ...`` since stgen.io
+    """``--maps FILE``: the prediction is written, then the maps fail (``error: ...`` since stgen.utils.io
     checks output folders), so the command fails but leaves its --out behind. Fix (pipeline.py,
     ``predict``, before ``load_run``): ``if maps_dir is not None and Path(maps_dir).exists() and not
     Path(maps_dir).is_dir(): raise InputError(f"--maps {maps_dir}: not a folder")``."""

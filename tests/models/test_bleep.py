@@ -1,4 +1,4 @@
-"""BLEEP baseline (stgen.models.bleep) on tiny synthetic sections."""
+"""BLEEP baseline (stgen.models.bleep.model) on tiny synthetic sections."""
 
 from __future__ import annotations
 

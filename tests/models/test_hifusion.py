@@ -1,4 +1,4 @@
-"""HiFusion (stgen.models.hifusion) on the tiny synthetic sections (rgb-stats features, 16-px patches)."""
+"""HiFusion (stgen.models.hifusion.model) on the tiny synthetic sections (rgb-stats features, 16-px patches)."""
 
 from __future__ import annotations
 

@@ -128,7 +128,7 @@ def test_train_hinge_learns_histology_signal():
     hist = train_hinge(model, feats, y, cfg, sched, progress=False)
     after, std = model.generate(ft, sched, steps=3, n_samples=2, generator=torch.Generator().manual_seed(0))
     yt = torch.as_tensor(y)
-    # 0.45-0.51 over training seeds 0-3 and 42 (data order and corruption keyed on the seed, stgen.train)
+    # 0.45-0.51 over training seeds 0-3 and 42 (data order and corruption keyed on the seed, stgen.training.trainer)
     assert ((after - yt) ** 2).mean() < 0.55 * ((before - yt) ** 2).mean()
     assert hist["best_epoch"] >= 0 and len(hist["history"]) == hist["epochs_run"]
     assert std.shape == after.shape and torch.all(std >= 0)

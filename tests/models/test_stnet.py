@@ -1,4 +1,4 @@
-"""ST-Net baseline (stgen.models.stnet) on tiny synthetic sections (tiny CNN) + the EfficientNet path."""
+"""ST-Net baseline (stgen.models.stnet.model) on tiny synthetic sections (tiny CNN) + the EfficientNet path."""
 
 from __future__ import annotations
 

@@ -26,12 +26,13 @@ import stgen.models.flag.training as FT
 import stgen.models.hinge.training as HT
 import stgen.training.state as TS
 import stgen.training.trainer as TR
-from stgen.config import FlagConfig, HingeConfig
-from stgen.graph import build_spot_graph
-from stgen.masking import MaskSchedule
-from stgen.models.backbone import BackboneConfig, ExpressionBackbone
-from stgen.models.flag import FLAG, FlagConfig
-from stgen.models.hinge import HINGE, HingeConfig
+from stgen.backbones.embedded import BackboneConfig, ExpressionBackbone
+from stgen.models.flag.config import FlagConfig
+from stgen.models.flag.network import FLAG
+from stgen.models.hinge.config import HingeConfig
+from stgen.models.hinge.network import HINGE
+from stgen.nn.graph import build_spot_graph
+from stgen.sampling.masking import MaskSchedule
 from model_fixtures import flag_toy_sections
 
 GENES = [f"G{i}" for i in range(12)]
@@ -110,7 +111,7 @@ def test_hinge_on_two_ddp_processes_matches_one_process(script, one_thread, stra
     one = model.state_dict()
     out = _run(script, "hinge", 2, strategy)
     # ddp: both processes run the script to its end; ddp_spawn: the launching process gets rank 0's weights,
-    # best-weights history and counters back (stgen.train._CarryStateLauncher)
+    # best-weights history and counters back (stgen.training.trainer._CarryStateLauncher)
     ranks = (0, 1) if strategy == "ddp" else (0,)
     weights = [load_file(f"{out}.rank{r}.safetensors") for r in ranks]
     hists = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in ranks]

@@ -1,5 +1,5 @@
 """Checkpoints and resuming: an interrupted fit (SIGKILL, SIGTERM) resumed with --resume ends with the
-weights of an uninterrupted fit; the rules of RUN_DIR.partial (stgen.pipeline.fit, stgen.train)."""
+weights of an uninterrupted fit; the rules of RUN_DIR.partial (stgen.workflows.fit.fit, stgen.training.trainer)."""
 
 from __future__ import annotations
 

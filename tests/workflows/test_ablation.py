@@ -47,7 +47,7 @@ def _backbone(seed=0):
 
 def _variant_cfg(name: str) -> HingeConfig:
     ov = dict(next(o for _, n, o in all_variants() if n == name))
-    return HingeConfig.from_train_config(apply_override(StgenConfig(), ov, name).hinge)
+    return apply_override(StgenConfig(), ov, name).hinge
 
 
 def _model(name: str | None = None, seed=0, **kw) -> HINGE:

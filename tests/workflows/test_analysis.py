@@ -1,4 +1,4 @@
-"""Step-wise sampler analysis (stgen.analysis) on a tiny synthetic HINGE run."""
+"""Step-wise sampler analysis (stgen.workflows.analysis) on a tiny synthetic HINGE run."""
 
 from __future__ import annotations
 

@@ -96,8 +96,8 @@ model raises :class:`~stgen.errors.InputError`.
 
 HINGE interface
 ---------------
-:class:`CellFMBackbone` exposes what :class:`~stgen.models.hinge.HINGE` uses on
-:class:`~stgen.models.backbone.ExpressionBackbone` (``config.dim``, ``genes``,
+:class:`CellFMBackbone` exposes what :class:`~stgen.models.hinge.network.HINGE` uses on
+:class:`~stgen.backbones.embedded.ExpressionBackbone` (``config.dim``, ``genes``,
 ``gene_to_idx``, ``blocks``, ``decoder``, ``gene_index``, ``embed``,
 ``kv_masks``, ``encode``, ``forward``) with one difference that faithfulness
 requires: the token sequence carries CellFM's cls token in front, so ``embed``
@@ -369,7 +369,7 @@ class RetentionLayer(nn.Module):
 
     ``forward(x (B, T, D), kv_mask (B, T) bool or None, cond=None, mod_attn=None, mod_ffn=None)``.
     Without modulation: ``x1 = LN1(alpha x + Ret(x))``, ``x2 = LN2(alpha x1 + GLU(x1))``.
-    With HINGE modulation (same semantics as :class:`~stgen.models.backbone.RetentionBlock`)
+    With HINGE modulation (same semantics as :class:`~stgen.backbones.embedded.RetentionBlock`)
     the sub-layer input becomes ``mod(h, cond)[0]`` and its output is multiplied by
     the gate ``mod(h, cond)[1]`` before the residual add. The value scale is
     ``1 / sqrt(T - n_prefix)`` (CellFM's ``len_scale``: genes, cls excluded).
@@ -522,7 +522,7 @@ class CellFMBackbone(nn.Module):
         if missing:
             raise InputError(
                 f"{len(missing)} gene(s) are not in the CellFM vocabulary, e.g. {missing[:10]} "
-                f"(use stgen.models.cellfm.map_panel to drop them)"
+                f"(use stgen.backbones.cellfm.map_panel to drop them)"
             )
         return torch.tensor([self.gene_to_idx[g] for g in genes], dtype=torch.long)
 

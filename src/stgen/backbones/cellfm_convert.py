@@ -123,7 +123,7 @@ def convert_cellfm(
 
     Parameters
     ----------
-    ckpt_path : MindSpore ``.ckpt`` (read with :func:`stgen.io_mindspore.read_mindspore_ckpt`).
+    ckpt_path : MindSpore ``.ckpt`` (read with :func:`stgen.backbones.mindspore.read_mindspore_ckpt`).
     out_path : output path; ``.safetensors`` is appended/replaced, the JSON
         sidecar sits next to it with suffix ``.json``.
     config : :class:`CellFMConfig` or preset name (``"CellFM-800M"``, ``"CellFM-80M"``).

@@ -21,7 +21,7 @@ masked auto-encoding (MSE on masked genes), see :mod:`stgen.pretrain`.
 
 This small model stands in for CellFM-800M (40 layers, 1536-d) until real
 checkpoints are loaded. Each block exposes its sub-layers so that HINGE can
-insert SoftAdaLN modulation before them (:mod:`stgen.models.softadaln`).
+insert SoftAdaLN modulation before them (:mod:`stgen.nn.softadaln`).
 
 Shapes: ``B`` spots (batch), ``G`` genes (tokens), ``D`` model width.
 """

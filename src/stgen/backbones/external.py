@@ -3,7 +3,7 @@
 A backbone *spec* names where HINGE's frozen expression model comes from:
 
 * ``default`` - the embedded small CellFM-architecture backbone, pre-trained by
-  ``stgen pretrain`` (:func:`stgen.pipeline.get_backbone`);
+  ``stgen pretrain`` (:func:`stgen.backbones.pretrain.get_backbone`);
 * ``cellfm:PATH`` - a CellFM checkpoint converted by ``stgen convert cellfm``
   (``PATH`` = the ``.safetensors`` file, its ``.json`` sidecar beside it);
 * ``scgpt:DIR`` - a released scGPT model directory (``best_model.pt``,
@@ -87,10 +87,10 @@ def gene_token_embeddings(backbone: nn.Module, genes: Sequence[str]) -> torch.Te
 
     These are FLAG's frozen per-gene GFM embeddings (Sec. 3.5; the static token
     table, not per-spot contextual states). The table is ``gene_emb`` of the
-    embedded :class:`~stgen.models.backbone.ExpressionBackbone` (an
-    ``nn.Embedding``) and of :class:`~stgen.models.cellfm.CellFMBackbone` (a
+    embedded :class:`~stgen.backbones.embedded.ExpressionBackbone` (an
+    ``nn.Embedding``) and of :class:`~stgen.backbones.cellfm.CellFMBackbone` (a
     parameter whose row ``i + 1`` is gene ``i``), and the raw
-    ``encoder.embedding`` rows of :class:`~stgen.models.scgpt.ScGPTBackbone`
+    ``encoder.embedding`` rows of :class:`~stgen.backbones.scgpt.ScGPTBackbone`
     (before its LayerNorm); rows are found through the backbone's
     ``gene_index``, which raises InputError naming genes missing from its
     vocabulary. InputError for any other backbone type.

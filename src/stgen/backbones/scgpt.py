@@ -3,9 +3,9 @@
 Loads a released scGPT model directory (``best_model.pt``, ``args.json``,
 ``vocab.json``; e.g. the whole-human checkpoint ``scGPT_human``) into
 :class:`ScGPTBackbone`, a module with the interface HINGE uses on
-:class:`~stgen.models.backbone.ExpressionBackbone` (``config.dim``, ``genes``,
+:class:`~stgen.backbones.embedded.ExpressionBackbone` (``config.dim``, ``genes``,
 ``gene_to_idx``, ``blocks``, ``decoder``, ``gene_index``, ``embed``,
-``kv_masks``, ``encode``, ``forward``), so :class:`~stgen.models.hinge.HINGE`
+``kv_masks``, ``encode``, ``forward``), so :class:`~stgen.models.hinge.network.HINGE`
 runs on it unchanged.
 
 Sources
@@ -53,7 +53,7 @@ Computation (``B`` spots, ``G`` genes, ``P`` prefix tokens (1 for ``<cls>``, els
 HINGE hooks: every layer accepts ``(x, kv_mask, cond, mod_attn, mod_ffn)``; the
 sub-layer input becomes ``mod(h, cond)[0]`` and its output is multiplied by
 ``mod(h, cond)[1]`` before the residual add, as in
-:class:`~stgen.models.backbone.RetentionBlock`. scGPT lets every token attend to
+:class:`~stgen.backbones.embedded.RetentionBlock`. scGPT lets every token attend to
 every token, so :meth:`ScGPTBackbone.kv_masks` returns ``None`` for all layers
 (a given ``kv_mask`` (B, G) is honoured: ``False`` genes are removed as keys).
 

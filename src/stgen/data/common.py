@@ -51,7 +51,7 @@ def _image_info(path: Path) -> tuple[int, int, float | None]:
     """``(width, height, embedded mpp or None)`` of an image, without decoding it.
 
     JPEG/PNG: header size only (their dpi is a screen setting, so mpp is None);
-    anything else through :func:`stgen.slide.open_slide` (TIFF/OME/Aperio/vendor).
+    anything else through :func:`stgen.image.slide.open_slide` (TIFF/OME/Aperio/vendor).
     """
     from stgen.image.patches import image_size
     from stgen.image.slide import open_slide

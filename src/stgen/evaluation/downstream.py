@@ -286,14 +286,14 @@ def plot_morans_scatter(
     Parameters
     ----------
     morans_true : array_like, shape (G,), or mapping name -> array_like
-        Moran's I per gene of the truth (:func:`stgen.metrics.morans_i`); a
+        Moran's I per gene of the truth (:func:`stgen.evaluation.spatial.morans_i`); a
         mapping gives each panel its own truth vector (models whose panels
         differ), keyed like ``morans_pred``.
     morans_pred : array_like, shape (G,), or mapping name -> array_like
         Moran's I per gene of the prediction(s). Genes NaN in the truth or
         the prediction are not drawn (their number is given in the panel title).
     out_png : path
-        Destination PNG (written atomically by :func:`stgen.plots.save_figure`).
+        Destination PNG (written atomically by :func:`stgen.evaluation.plots.save_figure`).
     ssc : float or mapping name -> float, optional
         Spatial structural correlation shown in each panel title ("n/a" if
         missing or NaN).
@@ -361,7 +361,7 @@ def plot_coexpression(
 
     The module is ``module_genes`` if given, else the ``n_top`` genes with the
     highest variance in ``true``. Drawing is done by
-    :func:`stgen.plots.plot_corr_heatmaps`: genes ordered by average-linkage
+    :func:`stgen.evaluation.plots.plot_corr_heatmaps`: genes ordered by average-linkage
     hierarchical clustering (``scipy.cluster.hierarchy``) of the TRUE
     correlation matrix, distance ``1 - r``; the prediction panel's title
     gives the gene-gene agreement r with the truth.
@@ -415,7 +415,7 @@ def run_downstream(
     """All downstream checks for one predicted section.
 
     Spots and genes are aligned with
-    :func:`stgen.metrics.align_prediction_to_truth` (spots shared, in
+    :func:`stgen.evaluation.metrics.align_prediction_to_truth` (spots shared, in
     prediction order; the prediction's genes); coordinates are the
     prediction's ``obsm['spatial']`` for those spots.
 
@@ -440,7 +440,7 @@ def run_downstream(
         ``ari``, ``nmi``, ``n_domains_true``, ``n_domains_pred``
         (:func:`domain_agreement`), ``deg_top20``, ``deg_top50``,
         ``n_domains`` (:func:`deg_overlap` on the true domains), ``ssc``
-        (:func:`stgen.metrics.spatial_structural_correlation`), ``n_spots``,
+        (:func:`stgen.evaluation.spatial.spatial_structural_correlation`), ``n_spots``,
         ``n_genes``; with ``out_dir`` also ``figures`` (name -> path) and
         ``module_genes``.
 

@@ -162,7 +162,7 @@ def plot_corr_heatmaps(
     -----
     Genes are ordered by average-linkage hierarchical clustering of the truth
     matrix with distance ``1 - r`` (scipy ``leaves_list``). Panel titles give
-    the gene-gene agreement r (:func:`stgen.metrics.gene_gene_corr_agreement`)
+    the gene-gene agreement r (:func:`stgen.evaluation.metrics.gene_gene_corr_agreement`)
     of each model vs truth on the shown genes. Colour scale [-1, 1], 'RdBu_r';
     NaN correlations (constant genes) are displayed as 0.
 
@@ -266,7 +266,7 @@ def plot_slide_maps(adata: Any, out_dir: str | os.PathLike, genes: Sequence[str]
 
     Parameters
     ----------
-    adata : a prediction of :func:`stgen.pipeline.predict`: ``.X`` (N, G) mean expression in the run's
+    adata : a prediction of :func:`stgen.workflows.predict.predict`: ``.X`` (N, G) mean expression in the run's
         units, ``layers['std']`` (N, G) the sample sd, ``obsm['spatial']`` full-resolution (x, y) px and
         ``uns['spatial'][library_id]`` with ``images['hires']`` and ``scalefactors`` (as scanpy reads them).
     out_dir : folder for ``<gene>.png`` and ``uncertainty.png`` (written atomically).

@@ -56,13 +56,13 @@ def extract_features(
 
     Parameters
     ----------
-    image_path : full-resolution H&E slide, any format :func:`stgen.slide.open_slide` reads
+    image_path : full-resolution H&E slide, any format :func:`stgen.image.slide.open_slide` reads
         (JPEG/PNG decoded once; pyramidal TIFF/OME-TIFF and OpenSlide formats read tile by tile).
     centers_xy : (N, 2) spot centres ``(x=column, y=row)`` in full-resolution px.
     patch_px : patch side in full-resolution px (resized to the encoder input size).
     encoder : encoder spec: a registered name (see :func:`encoder_names`), ``uni:PATH``,
         ``conch:PATH``, ``timm:ARCH:PATH``, ``torchscript:PATH``, or several joined by ``+``
-        (features concatenated; :mod:`stgen.encoders`).
+        (features concatenated; :mod:`stgen.features.spec`).
     tta : average features over the 8 dihedral transforms of each patch.
     batch_size : patches per encoder call.
     cache_dir : if given, features are cached in ``<cache_dir>/features/<key>.npy``
@@ -72,7 +72,7 @@ def extract_features(
     input_px : encode each patch resized to this side instead of the encoder's
         ``input_size`` (``input_px = patch_px``: native resolution); only for
         encoders with ``any_size`` (EfficientNet-Lite0: >= 32 px).
-    slide : ``image_path`` already opened (:func:`stgen.slide.open_slide`; not closed here), so a caller
+    slide : ``image_path`` already opened (:func:`stgen.image.slide.open_slide`; not closed here), so a caller
         that read it (e.g. for a thumbnail) does not decode a JPEG twice; default: opened here.
 
     Returns

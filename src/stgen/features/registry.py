@@ -47,7 +47,7 @@ def register_encoder(name: str, factory: Callable[..., PatchEncoder], dim: int) 
 def encoder_names() -> list[str]:
     """Registered fixed names accepted by :func:`build_encoder` (which also takes ``uni:PATH``,
     ``conch:PATH``, ``timm:ARCH:PATH``, ``torchscript:PATH`` and ``+``-joined specs; see
-    :mod:`stgen.encoders`)."""
+    :mod:`stgen.features.spec`)."""
     return sorted(_REGISTRY)
 
 
@@ -109,7 +109,7 @@ def build_encoder(name: str = "efficientnet-lite0", device: str | None = None) -
 
     ``name`` is a registered name (:func:`encoder_names`), ``uni:PATH``, ``conch:PATH``,
     ``timm:ARCH:PATH``, ``torchscript:PATH``, or several joined with ``+`` (features
-    concatenated in that order); see :mod:`stgen.encoders`. ``device`` defaults to CUDA when
+    concatenated in that order); see :mod:`stgen.features.spec`. ``device`` defaults to CUDA when
     available, else CPU. Built encoders are cached per (spec, device); a weights file that
     changed on disk (mtime/size) is reloaded.
 

@@ -22,7 +22,7 @@ Backends (chosen from the file name by :func:`open_slide`)
 ``"pillow"``
     ``.jpg``, ``.jpeg``, ``.png`` and anything else Pillow opens. These formats
     are not tiled, so the image is decoded fully at open
-    (:func:`stgen.patches.open_image`) and held in memory.
+    (:func:`stgen.image.patches.open_image`) and held in memory.
 
 Coordinates and units
 ---------------------
@@ -30,8 +30,8 @@ Positions are pixels of the full-resolution level 0 unless a ``level`` is
 given: ``x`` = column, ``y`` = row, origin at the top-left pixel. A patch of
 ``size`` px around centre ``(x, y)`` covers columns
 ``floor(x + 0.5) - size // 2 .. + size - 1`` (likewise rows), exactly as
-:func:`stgen.patches.extract_patches`. Any pixel outside the image is white
-(:data:`stgen.patches.PAD_VALUE` = 255). Returned images are ``uint8`` arrays
+:func:`stgen.image.patches.extract_patches`. Any pixel outside the image is white
+(:data:`stgen.image.patches.PAD_VALUE` = 255). Returned images are ``uint8`` arrays
 of shape ``(rows, columns, 3)`` in RGB order.
 
 Pixel size (:attr:`Slide.mpp`, microns per level-0 pixel) is read from, in
@@ -185,7 +185,7 @@ class Slide:
         """Square RGB patches around spot centres, read lazily from level 0.
 
         Same semantics (and bit-identical output) as
-        :func:`stgen.patches.extract_patches` on the fully decoded image.
+        :func:`stgen.image.patches.extract_patches` on the fully decoded image.
 
         Parameters
         ----------

@@ -1,7 +1,7 @@
 """The interface of the benchmark models (HiFusion and the papers' baselines).
 
 Every model kind registered in :mod:`stgen.models.registry` is a
-:class:`SpotModel`. The pipeline (:mod:`stgen.pipeline`) does everything around
+:class:`SpotModel`. The pipeline (:mod:`stgen.workflows.fit`) does everything around
 it - reading sections, choosing the HMHVG panel, caching encoder features,
 writing RUN_DIR atomically, re-using runs by config hash - so a model only
 learns, predicts and hands over its weights:
@@ -88,7 +88,7 @@ class FeatureSettings:
     """The run's patch encoder settings (config section ``features``) and feature cache.
 
     :meth:`encode` encodes patches of any size around any centres through
-    :func:`stgen.features.extract_features` (cached on disk when ``cache_dir``
+    :func:`stgen.features.extract.extract_features` (cached on disk when ``cache_dir``
     is set), e.g. HiFusion's sub-patches and neighbourhood patches.
     """
 
@@ -103,7 +103,7 @@ class FeatureSettings:
                input_px: int | None = None, slide=None) -> np.ndarray:
         """(N, dim) float32 features of ``patch_px``-pixel patches (default: the spot patch) around ``xy``,
         resized to ``input_px`` (default: the encoder's input size; ``slide``: ``image`` already opened;
-        see :func:`stgen.features.extract_features`)."""
+        see :func:`stgen.features.extract.extract_features`)."""
         return extract_features(image, xy, patch_px=int(patch_px or self.patch_px), encoder=self.encoder,
                                 tta=self.tta, batch_size=self.batch_size, cache_dir=self.cache_dir,
                                 show_progress=self.progress, input_px=input_px, slide=slide)

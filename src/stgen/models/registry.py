@@ -8,14 +8,14 @@ when first used. Adding a model: one package plus one line in :data:`SPOT_MODELS
 =========  ===========================================================  ==========
 name       method (source)                                              sampled
 =========  ===========================================================  ==========
-hinge      HINGE, CVPR 2026 (:mod:`stgen.models.hinge`)                 yes
-flag       FLAG (:mod:`stgen.models.flag`)                              yes
+hinge      HINGE, CVPR 2026 (:mod:`stgen.models.hinge.network`)                 yes
+flag       FLAG (:mod:`stgen.models.flag.network`)                              yes
 ridge      standardise + PCA + RidgeCV on the features                 no
-hifusion   HiFusion (:mod:`stgen.models.hifusion`)                      no
-stnet      ST-Net, He et al. 2020 (:mod:`stgen.models.stnet`)           no
-bleep      BLEEP, Xie et al. 2023 (:mod:`stgen.models.bleep`)           no
-stem       Stem, Zhu et al. 2025 (:mod:`stgen.models.stem`)             yes
-stflow     STFlow, Huang et al. 2025 (:mod:`stgen.models.stflow`)       yes
+hifusion   HiFusion (:mod:`stgen.models.hifusion.model`)                      no
+stnet      ST-Net, He et al. 2020 (:mod:`stgen.models.stnet.model`)           no
+bleep      BLEEP, Xie et al. 2023 (:mod:`stgen.models.bleep.model`)           no
+stem       Stem, Zhu et al. 2025 (:mod:`stgen.models.stem.model`)             yes
+stflow     STFlow, Huang et al. 2025 (:mod:`stgen.models.stflow.model`)       yes
 =========  ===========================================================  ==========
 """
 

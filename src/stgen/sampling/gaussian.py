@@ -1,7 +1,7 @@
 """Gaussian diffusion in expression space: the "Gauss-Diff" objective ablation.
 
 HINGE Supp. Tables S2/S3, "Objective" rows, contrast HINGE's masked diffusion
-(:mod:`stgen.masking`) with a standard Gaussian diffusion on the same backbone
+(:mod:`stgen.sampling.masking`) with a standard Gaussian diffusion on the same backbone
 and adapter. Every gene is *visible* (the backbone sees a value for every gene,
 never a mask token); the values are noised:
 
@@ -17,14 +17,14 @@ The network predicts ``x_0`` (x0-parameterisation); the loss is the MSE over
 *all* genes (:func:`gaussian_loss`). Sampling (:func:`ddim_sample`) is
 deterministic DDIM (Song et al., ICLR 2021, ``eta = 0``) from pure noise
 ``x_T ~ N(0, I)`` over the ``K``-step timestep grid of the masked sampler
-(:func:`stgen.masking.reverse_timesteps`):
+(:func:`stgen.sampling.masking.reverse_timesteps`):
 
     eps_hat = (x_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t)
     x_s     = sqrt(abar_s) x0_hat + sqrt(1 - abar_s) eps_hat       (s < t)
 
 ending at ``s = 0`` where ``abar_0 = 1`` so the sample is the last ``x0_hat``.
 Independent noise draws give independent samples, averaged by
-:meth:`stgen.models.hinge.HINGE.generate` like the masked sampler's.
+:meth:`stgen.models.hinge.network.HINGE.generate` like the masked sampler's.
 """
 
 from __future__ import annotations

@@ -219,6 +219,6 @@ def spot_uniforms(keys: torch.Tensor, n_samples: int, n_genes: int, base_seed: i
 
 def spot_keys(xy) -> torch.Tensor:
     """(N,) int64 keys of spot positions: the pixel ``(floor(x + 0.5), floor(y + 0.5))`` a patch is cut at
-    (:func:`stgen.patches.extract_patches`), packed as ``x * 2**31 + y``."""
+    (:func:`stgen.image.patches.extract_patches`), packed as ``x * 2**31 + y``."""
     a = np.floor(np.asarray(xy, dtype=np.float64) + 0.5).astype(np.int64)
     return torch.from_numpy(a[:, 0] * (1 << 31) + a[:, 1])

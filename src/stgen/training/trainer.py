@@ -21,7 +21,7 @@
   :meth:`HingeModule.corrupt`): ``curriculum_epochs = 0`` removes the
   curriculum ("Mask-Diff (NoCurr)"); ``mask_ratio = "uniform"`` draws a mask
   ratio ``U(0, 1)`` per spot ("Mask-Diff (RandMask)"); ``objective = "gauss"``
-  trains Gaussian diffusion (:mod:`stgen.gaussian`, "Gauss-Diff").
+  trains Gaussian diffusion (:mod:`stgen.sampling.gaussian`, "Gauss-Diff").
 * :func:`train_flag` - FLAG (Sec. 3.6 eq. 9, Table 5): VE-SDE denoising score
   matching plus ``align_weight`` x GFM alignment, AdamW (weight decay 0.01,
   constant learning rate), gradient-norm clip 1.0; one training item is one
@@ -30,7 +30,7 @@
   expression are kept.
 
 Checkpoints, resuming and several processes (:func:`training_context`, set by
-:func:`stgen.pipeline.fit`): every trainer made by :func:`_trainer` (HINGE, FLAG,
+:func:`stgen.workflows.fit.fit`): every trainer made by :func:`_trainer` (HINGE, FLAG,
 the benchmark models; not the backbone pre-training) writes
 ``<ckpt_dir>/last.ckpt`` at the end of every epoch (``last.json`` beside it
 says which epoch) and resumes from a given checkpoint, read with
@@ -148,7 +148,7 @@ def check_trainer_options(accelerator: str = "auto", devices: int | str = 1, str
 def training_context(ckpt_dir: str | Path | None = None, resume_from: str | Path | None = None,
                      accelerator: str = "auto", devices: int | str = 1, strategy: str = "auto", num_nodes: int = 1):
     """Checkpoint folder, checkpoint to resume from and devices of the next :func:`_trainer` (see
-    :class:`TrainingContext`); used by :func:`stgen.pipeline.fit` around the one training of a fit."""
+    :class:`TrainingContext`); used by :func:`stgen.workflows.fit.fit` around the one training of a fit."""
     check_trainer_options(accelerator, devices, strategy, num_nodes)
     if resume_from is not None and not Path(resume_from).is_file():
         raise InputError(f"checkpoint {resume_from} does not exist")

@@ -6,22 +6,22 @@ schedules"), grouped as in the paper. Each variant is a small override of the
 ``hinge`` section of the configuration (:class:`stgen.models.hinge.config.HingeConfig`
 field -> value), applied on top of the base configuration (defaults, or the
 ``--config`` file); an empty override is HINGE itself. The switches are
-implemented in :mod:`stgen.models.hinge` (``adaptation``, ``objective``),
-:mod:`stgen.models.softadaln` (``soft_norm``, ``identity_init``, ``gate``),
-:mod:`stgen.models.lora`, :mod:`stgen.gaussian`, :mod:`stgen.masking` and
-:mod:`stgen.train` (``mask_ratio``, ``curriculum_epochs``).
+implemented in :mod:`stgen.models.hinge.network` (``adaptation``, ``objective``),
+:mod:`stgen.nn.softadaln` (``soft_norm``, ``identity_init``, ``gate``),
+:mod:`stgen.nn.lora`, :mod:`stgen.sampling.gaussian`, :mod:`stgen.sampling.masking` and
+:mod:`stgen.training.trainer` (``mask_ratio``, ``curriculum_epochs``).
 
 Not covered: the histology-encoder rows of Tables S2/S3 (ResNet-50, UNI, CONCH,
 UNI + CONCH) - they change the feature extractor, not the HINGE model.
 
 :func:`run_ablation` (``stgen ablate``) fits every variant with
-:func:`stgen.pipeline.fit` (re-using ``runs/<section>/<variant>`` when its
+:func:`stgen.workflows.fit.fit` (re-using ``runs/<section>/<variant>`` when its
 configuration hash matches; variants whose resolved configuration is identical,
 e.g. ``HINGE`` / ``Mask-Diff (HINGE)`` / ``SoftAdaLN (Full)``, are fitted once),
 predicts each held-out section (re-using ``preds/<section>/<variant>.h5ad``
 when it came from the current fit, see
-:func:`stgen.pipeline.prediction_is_current`), scores it with
-:func:`stgen.pipeline.score_prediction` and writes into OUT:
+:func:`stgen.workflows.predict.prediction_is_current`), scores it with
+:func:`stgen.workflows.evaluate.score_prediction` and writes into OUT:
 
 * ``ablation.csv`` - one row per (section, variant) plus, with several
   sections, a ``mean`` row per variant: PCC-50, PCC-200, MSE, MAE, GSC, SSC
@@ -188,7 +188,7 @@ def run_ablation(
     ----------
     data_dir : Her2ST folder (ST-cnts/, ST-spotfiles/, ST-imgs/).
     test_sections : held-out section(s); each gets its own fits (trained on
-        every other imaged section, as :func:`stgen.pipeline.fit` does).
+        every other imaged section, as :func:`stgen.workflows.fit.fit` does).
     out : output folder (``runs/``, ``preds/``, ``ablation.csv|md|png``).
     variants : names/groups for :func:`resolve_variants` (default: all rows).
     cfg : base configuration the overrides apply to (default: defaults).

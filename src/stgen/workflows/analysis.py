@@ -1,6 +1,6 @@
 """Step-wise analysis of HINGE's masked-diffusion sampler (HINGE Supp. Figs. S7, S8).
 
-Three studies of a trained HINGE run (:class:`stgen.pipeline.TrainedRun`):
+Three studies of a trained HINGE run (:class:`stgen.workflows.rundir.TrainedRun`):
 
 * :func:`stepwise_metrics` - one full reverse run (``K = T`` steps) in which,
   after every step, two estimates are scored against the truth (Fig. S7a):
@@ -22,7 +22,7 @@ Three studies of a trained HINGE run (:class:`stgen.pipeline.TrainedRun`):
 :func:`run_step_analysis` loads a RUN_DIR, scores its held-out section and
 writes CSVs, PNGs and a markdown summary (all atomically).
 
-Metrics are those of :func:`stgen.metrics.evaluate` (PCC-50, PCC-200, MSE,
+Metrics are those of :func:`stgen.evaluation.metrics.evaluate` (PCC-50, PCC-200, MSE,
 MAE, GSC, RVD and, when the spots' coordinates are given, SSC), in the run's
 target units (log2(count + 1) by default). The ``run_*`` jobs take the
 coordinates from the section's ``obsm['spatial']`` (pixels); the lower-level
@@ -94,7 +94,7 @@ def _feats(feats: Any) -> np.ndarray:
 
 def _scores(pred: np.ndarray, truth: np.ndarray, genes: Sequence[str], coords: Any = None) -> dict[str, float]:
     """:data:`METRICS` of one prediction, and :data:`SPATIAL_METRICS` with ``coords`` (``ssc`` NaN on a section
-    too small for the spatial graph, :func:`stgen.metrics.evaluate_section`)."""
+    too small for the spatial graph, :func:`stgen.evaluation.metrics.evaluate_section`)."""
     m = evaluate_section(pred, truth, genes, coords=coords)
     return {k: float(m[k]) for k in (*METRICS, *SPATIAL_METRICS) if k in m}
 
@@ -137,14 +137,14 @@ def stepwise_metrics(
 
     Parameters
     ----------
-    run : a HINGE :class:`~stgen.pipeline.TrainedRun` (``meta``, ``cfg``, ``model``).
+    run : a HINGE :class:`~stgen.workflows.rundir.TrainedRun` (``meta``, ``cfg``, ``model``).
     feats : (N, F) histology features of the spots.
     truth : (N, G) truth in the run's target units and panel order, or a
         DataFrame with the panel genes as columns.
     T : number of reverse steps recorded; default (and normally) the run's
         training horizon ``T``, i.e. the full ``K = T`` run of Fig. S7(a). A
         smaller value records a ``K = T`` -step run over the trained horizon
-        (timesteps :func:`~stgen.masking.reverse_timesteps`).
+        (timesteps :func:`~stgen.sampling.masking.reverse_timesteps`).
     samples : reverse runs averaged (default: the run's ``hinge.samples``).
     seed, batch_size, device, precision : as :meth:`TrainedRun.predict`; with the
         same values the final state equals ``run.predict(feats, samples, steps=T,
@@ -321,9 +321,9 @@ def horizon_sweep(
     Parameters
     ----------
     fit_for_T : ``fit_for_T(T)`` returns a HINGE :class:`TrainedRun` (or a RUN_DIR
-        path, loaded with :func:`stgen.pipeline.load_run`) trained with horizon
+        path, loaded with :func:`stgen.workflows.rundir.load_run`) trained with horizon
         ``T`` and otherwise fixed settings. The caller chooses how (e.g.
-        ``stgen.pipeline.fit`` with ``cfg.hinge.T = T`` into ``runs/T{T}``, or
+        ``stgen.workflows.fit.fit`` with ``cfg.hinge.T = T`` into ``runs/T{T}``, or
         re-using existing runs); its wall time is reported as ``fit_s``.
     feats, truth : held-out spots, as in :func:`stepwise_metrics` (``truth`` as a
         DataFrame with gene columns if the panels may differ between runs).
@@ -411,7 +411,7 @@ def _summary_markdown(info: dict, step_df: pd.DataFrame, budget_df: pd.DataFrame
 def section_truth(adata: Any, panel: Sequence[str], units: str) -> tuple[np.ndarray, list[str]]:
     """Truth (N, G) of a section's AnnData of raw counts, in the run's ``units`` and panel order.
 
-    As in :func:`stgen.pipeline.fit`, the panel's count columns are transformed
+    As in :func:`stgen.workflows.fit.fit`, the panel's count columns are transformed
     together. Her2ST count tables list only the genes detected in a section, so
     panel genes absent from the table are zero counts; their names are returned.
     """
@@ -459,7 +459,7 @@ def run_step_analysis(
     Parameters
     ----------
     run_dir : a HINGE run written by ``stgen fit``.
-    data_dir : Her2ST root (``None``: :func:`stgen.pipeline.default_data_dir`).
+    data_dir : Her2ST root (``None``: :func:`stgen.workflows.paths.default_data_dir`).
     section : section to score (``None``: the run's held-out ``test_section``;
         a training section is allowed but flagged in the summary).
     out_dir : folder written atomically (replaced if it exists) with
@@ -471,7 +471,7 @@ def run_step_analysis(
     ks : inference budgets of the sweep (those > T are skipped).
     T : steps of the step-wise run (default: the run's horizon, the full run).
     repeats : timed repeats per K (median reported).
-    cache_dir : feature cache (default :func:`stgen.pipeline.default_cache_dir`).
+    cache_dir : feature cache (default :func:`stgen.workflows.paths.default_cache_dir`).
 
     Returns
     -------
@@ -549,7 +549,7 @@ def run_horizon_analysis(
 ) -> pd.DataFrame:
     """Masking-horizon sweep (Fig. S8) on one held-out section: one HINGE fit per ``T``.
 
-    Every ``T`` is trained with :func:`stgen.pipeline.fit` on the other imaged
+    Every ``T`` is trained with :func:`stgen.workflows.fit.fit` on the other imaged
     sections with ``cfg.hinge.T = T`` and otherwise the same configuration
     (``cfg``; default: defaults), into ``OUT/runs/T<T>``; a run whose
     configuration hash matches is re-used, so an interrupted sweep resumes and a

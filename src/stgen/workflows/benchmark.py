@@ -3,7 +3,7 @@
 For each held-out section and model: fit (re-used when ``runs/<model>/<section>``
 holds a run with the same configuration hash), predict the held-out section
 (re-used when ``preds/<model>/<section>.h5ad`` came from the current fit with
-the default sampler, :func:`stgen.pipeline.prediction_is_current`; its stored
+the default sampler, :func:`stgen.workflows.predict.prediction_is_current`; its stored
 predict time is reported), score it. ``models`` may be ``"all"``
 (:data:`stgen.models.registry.MODELS`). With ``seeds=N`` (FLAG H.5) the
 generative models (:data:`~stgen.models.registry.GENERATIVE`: hinge, flag,
@@ -113,7 +113,7 @@ def run_benchmark(
     ``seeds``: sampling seeds 0..seeds-1 per generative model and fold (ridge: one
     prediction); metrics are averaged over seeds and, for ``seeds > 1``, their sd
     over seeds is reported. Downstream scores (ARI, NMI, DEG-20/50) use the
-    default settings of :func:`stgen.downstream.domain_and_marker_scores`
+    default settings of :func:`stgen.evaluation.downstream.domain_and_marker_scores`
     (clustering seed 0) for every model.
     """
     cfg = cfg or StgenConfig()

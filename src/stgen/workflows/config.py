@@ -47,7 +47,7 @@ class FeatureConfig:
     """Histology patches and encoder."""
 
     # spec: efficientnet-lite0 | uni:PATH | conch:PATH | timm:ARCH:PATH | torchscript:PATH, joined by '+' to
-    # concatenate features (e.g. uni:A+conch:B, 1536-d); see stgen.encoders
+    # concatenate features (e.g. uni:A+conch:B, 1536-d); see stgen.features.spec
     encoder: str = "efficientnet-lite0"
     patch_px: int = 224  # square patch side, full-resolution pixels (~154 um on Her2ST at 0.688 um/px)
     # patch side in microns: each section's patch is patch_um / mpp pixels (sections scanned at other

@@ -45,11 +45,11 @@ class Scored:
 def score_prediction(pred: ad.AnnData, truth: ad.AnnData, label: str, k: int = 8) -> Scored:
     """Align a prediction to the truth (same units) and compute the metrics.
 
-    The metrics are those of :func:`stgen.metrics.evaluate` with the scored
+    The metrics are those of :func:`stgen.evaluation.metrics.evaluate` with the scored
     spots' ``obsm['spatial']`` as coordinates, so they always include ``ssc``,
     ``ssim`` and ``rvd`` (and ``per_gene_r``). Without ``obsm['spatial']``,
     ``ssc`` and ``ssim`` are NaN; with fewer than ``k + 1`` scored spots ``ssc``
-    is NaN and a warning is logged (:func:`stgen.metrics.evaluate_section`).
+    is NaN and a warning is logged (:func:`stgen.evaluation.metrics.evaluate_section`).
     ``label`` (e.g. the two file names) prefixes any InputError, such as panel
     genes missing from the truth or no common spots.
     """
@@ -69,7 +69,7 @@ def evaluate_prediction(pred_path: str | Path, truth_path: str | Path, out: str 
     """The metrics of :func:`score_prediction` (PCC-50, PCC-200, MSE, MAE, GSC, SSC, RVD, SSIM, per-gene r)
     of a prediction file against a truth file, written to ``out`` (JSON) if given.
 
-    With ``downstream_dir``, :func:`stgen.downstream.run_downstream` also runs (Leiden domains ARI/NMI,
+    With ``downstream_dir``, :func:`stgen.evaluation.downstream.run_downstream` also runs (Leiden domains ARI/NMI,
     DEG top-20/50 overlap; ``morans_scatter.png`` and ``coexpression.png`` into that folder) and its
     numbers go under ``"downstream"``.
     """

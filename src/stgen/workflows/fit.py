@@ -80,8 +80,8 @@ def fit(
     """Train ``model`` on every imaged section except ``test_section``; write RUN_DIR ``out``.
 
     ``data_dir`` is a data-set folder (Her2ST, HEST-1k, Space Ranger samples, ``<section>.h5ad`` files;
-    ``data_format`` names it, else it is detected: :func:`stgen.data.readers.open_dataset`) or a
-    :class:`~stgen.data.readers.Dataset`.
+    ``data_format`` names it, else it is detected: :func:`stgen.data.dataset.open_dataset`) or a
+    :class:`~stgen.data.dataset.Dataset`.
 
     Returns the run metadata (also in ``out/run.json``). Raises InputError for
     an unknown section or model, missing images, or an empty gene panel.
@@ -108,15 +108,15 @@ def fit(
     HINGE and FLAG resume to the same weights as an uninterrupted fit (the
     curriculum, early stopping and best-weights history included); the
     benchmark models resume from their last end-of-epoch checkpoint (close to,
-    not bit-identical with, an uninterrupted fit; see :mod:`stgen.train`).
+    not bit-identical with, an uninterrupted fit; see :mod:`stgen.training.trainer`).
     SIGTERM stops training after the current step with a checkpoint and raises
-    :class:`stgen.train.TrainingInterrupted` (``stgen fit`` exits with 143).
+    :class:`stgen.training.trainer.TrainingInterrupted` (``stgen fit`` exits with 143).
 
     **Devices.** ``accelerator``, ``devices`` (per node), ``strategy`` and
     ``num_nodes`` go to the Lightning Trainer; more than one process (e.g.
     ``devices=2, strategy="ddp"``) is for ``hinge`` and ``flag`` only (global
     batch as in one process for HINGE, one crop per process and step for FLAG;
-    see :mod:`stgen.train`). With ``ddp`` Lightning starts the other processes
+    see :mod:`stgen.training.trainer`). With ``ddp`` Lightning starts the other processes
     by re-running the command; every process prepares the data (the backbone
     and features come from the cache that the first process filled) and trains,
     only global rank 0 manages ``.partial`` and writes RUN_DIR. Several nodes:

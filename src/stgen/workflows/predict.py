@@ -43,15 +43,15 @@ def predict(
 ) -> ad.AnnData:
     """Predict the panel's expression at every spot of ``spots`` on ``image``, or on a bare slide.
 
-    ``image`` is any slide :func:`stgen.slide.open_slide` reads (JPEG/PNG, pyramidal TIFF/OME-TIFF,
+    ``image`` is any slide :func:`stgen.image.slide.open_slide` reads (JPEG/PNG, pyramidal TIFF/OME-TIFF,
     SVS/NDPI/MRXS with OpenSlide), read lazily. ``mpp`` (microns per full-resolution pixel) overrides
     the slide's metadata. When the slide's mpp is known, spot patches are ``patch_um / mpp`` pixels
     (``patch_um`` from the run's training images, ``run.json['spots']``), so a model applies at another
     scan resolution; otherwise they have the trained ``features.patch_px``.
 
     Without ``spots`` (a slide that was never sequenced) the tissue is found by Otsu thresholding
-    (:func:`stgen.tissue.detect_tissue`) and virtual spots are laid on it at the training spot spacing
-    (:func:`stgen.tissue.lay_spot_grid`: hexagonal for Visium-trained runs, square for legacy ST;
+    (:func:`stgen.data.tissue.detect_tissue`) and virtual spots are laid on it at the training spot spacing
+    (:func:`stgen.data.tissue.lay_spot_grid`: hexagonal for Visium-trained runs, square for legacy ST;
     ``grid_origin`` pins one lattice point, full-resolution (x, y)); this needs the slide's mpp.
 
     Writes ``out`` (.h5ad) atomically: ``.X`` mean prediction in the run's target units,
@@ -63,7 +63,7 @@ def predict(
     which :func:`prediction_is_current` uses - and ``predict_s``, the wall time of this call up to
     writing). With ``maps_dir``, PNG maps of ``genes`` (default: the 4 most variable predictions) and
     of the uncertainty (mean sd over genes) over the thumbnail go there
-    (:func:`stgen.plots.plot_slide_maps`).
+    (:func:`stgen.evaluation.plots.plot_slide_maps`).
 
     Raises
     ------

@@ -27,7 +27,7 @@ class _PartialRun:
 
     :meth:`preflight` applies the rules before any work; as a context manager
     it claims the folder (a lock; stale content removed unless resuming),
-    sets :func:`stgen.train.training_context` (checkpoints in ``checkpoints/``,
+    sets :func:`stgen.training.trainer.training_context` (checkpoints in ``checkpoints/``,
     the checkpoint to resume from, devices) and yields ``out/``, which replaces
     ``out`` on success. Processes other than global rank 0 of a multi-process
     launch only train: they resume from the same checkpoint and write into a
@@ -172,7 +172,7 @@ class _PartialRun:
                 from stgen.utils.io import OutputError, _disk_full
             except ImportError:
                 return False
-            if _disk_full(exc):  # as stgen.io.atomic_dir reports it
+            if _disk_full(exc):  # as stgen.utils.io.atomic_dir reports it
                 raise OutputError(f"no space left on device writing {self.out}", getattr(exc, "errno", None)) from exc
         return False
 

@@ -32,7 +32,7 @@ Simplifications vs the paper (stated, not hidden):
 * BLEEP fine-tunes a ResNet-50 image encoder end to end on the spot patches;
   here the image side is the run's *frozen* cached encoder feature
   ``section.feats`` (EfficientNet-Lite0, 1280-d, standardised per dimension
-  with :func:`stgen.models.hinge.floored_std` on the training spots) followed
+  with :func:`stgen.nn.stats.floored_std` on the training spots) followed
   by the trainable projection head. Only the two heads train.
 * BLEEP's expression input is the batch-corrected (Harmony) normalised
   expression of ~3,500 HVGs; here it is the run's target panel (G genes,

@@ -57,7 +57,7 @@ class FlagConfig:
     # DSM weight of ||D - x0||^2: edm = (sigma^2 + 1) / sigma^2 (Karras et al., whose VE-SDE FLAG cites) |
     # ve = 1 / sigma^2 (lambda = sigma^2 on the score, Song et al.). With ve the high-noise levels, where the
     # histology decides the sample, get ~1/sigma^2 of the weight: on a synthetic fixture 300 steps of ve left the
-    # held-out MSE at the target variance (0.40 -> 0.44), edm reached 0.03 (see stgen.vesde)
+    # held-out MSE at the target variance (0.40 -> 0.44), edm reached 0.03 (see stgen.sampling.vesde)
     loss_weighting: str = "edm"
     align_weight: float = 0.5  # weight of the GFM alignment loss (0: off)
     lr: float = 2e-3  # constant; Table 5: 1e-4 for far more steps, which barely moves in a 500-step budget

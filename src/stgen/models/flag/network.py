@@ -16,12 +16,12 @@ Pieces and the part of the paper each one reproduces:
 
 * noise (App. B, Table 5): VE-SDE, ``sigma`` in [0.01, 10], EDM
   preconditioning ``D = c_skip x + c_out F(c_in x, c_noise)`` and Heun
-  sampling of the probability-flow ODE (:mod:`stgen.vesde`);
+  sampling of the probability-flow ODE (:mod:`stgen.sampling.vesde`);
 * spatial graph encoder (Sec. 3.4, App. G.2 "static mode", D.2): node token =
   ``Linear([c_in x_i ; v_i])`` of the noisy gene state and the standardised
   image feature, plus the noise embedding; graph-transformer blocks with
   edge-biased attention ``q_i.k_j / sqrt(d_h) + sum_c lambda_{h,c} e_ij[c]``
-  over each spot's ``K`` neighbours (:mod:`stgen.graph`; learnable per-head
+  over each spot's ``K`` neighbours (:mod:`stgen.nn.graph`; learnable per-head
   ``lambda`` initialised to 0.1; FLAG's dynamic edge term is zero in static
   mode), GEGLU feed-forward, pre-norm residuals; a 3-layer bottleneck MLP
   (G.2 eq. 61) maps each spot's output to its spatial context, which is added
@@ -39,7 +39,7 @@ Simplifications (stated, not hidden): the widths/depths are far smaller than
 Table 5 (graph 6 layers x 384, DiT 12 layers x 384) so that a fold trains on a
 CPU in minutes; graph attention is restricted to ``K`` nearest neighbours
 instead of the dense graph (exact when ``K >= N``); the GFM embeddings are the
-backbone's static gene-token rows (:func:`stgen.models.external.gene_token_embeddings`),
+backbone's static gene-token rows (:func:`stgen.backbones.external.gene_token_embeddings`),
 not Geneformer's per-spot contextual states (App. F).
 """
 
@@ -192,7 +192,7 @@ class FLAG(nn.Module):
         x : (N, G) noisy normalised expression of all spots of a section/crop.
         sigma : scalar or (N,) noise level(s).
         feats : (N, F) raw image features (standardised inside).
-        graph : the section's :class:`~stgen.graph.SpotGraph` (N spots).
+        graph : the section's :class:`~stgen.nn.graph.SpotGraph` (N spots).
         return_align : also return the gene tokens after DiT block
             ``align_layer`` (N, G, d), for :meth:`align_loss`.
         chunk : run the DiT on blocks of this many spots (memory; the graph
@@ -244,7 +244,7 @@ class FLAG(nn.Module):
         Parameters
         ----------
         feats : (N, F) image features of every spot of the section.
-        graph : its :class:`~stgen.graph.SpotGraph`.
+        graph : its :class:`~stgen.nn.graph.SpotGraph`.
         n_samples : independent probability-flow runs (from independent noise) averaged.
         steps : Heun steps per run (``2 steps`` denoiser calls).
         generator : CPU generator of the initial noise (the only randomness).

@@ -105,7 +105,7 @@ def train_flag(
     sections : per training section ``(feats (N, F), xy (N, 2) full-resolution
         pixels, targets (N, G) in target units, columns = the panel)``.
     graph_builder : ``(xy, feats) -> SpotGraph`` of a section
-        (:func:`stgen.graph.build_spot_graph` with the run's ``sigma_px``, ``knn``).
+        (:func:`stgen.nn.graph.build_spot_graph` with the run's ``sigma_px``, ``knn``).
 
     ``val_fraction`` of the spots of every section are held out of the loss and
     scored after every ``val_every`` steps (``max_steps`` rounded up to whole

@@ -47,7 +47,7 @@ Pieces and the part of the method each one reproduces:
   cosine annealing to 1e-6 over ``max_epochs`` = 50, batch 32, the weights of
   the epoch with the lowest validation MSE are kept. Here the validation spots
   are a random ``val_fraction`` of the pooled training spots
-  (:func:`stgen.train.split_validation`), not the test fold.
+  (:func:`stgen.training.data.split_validation`), not the test fold.
 
 Simplifications versus the paper (stated, not hidden):
 
@@ -228,7 +228,7 @@ def subpatch_centres(xy: np.ndarray, patch_px: int, k: int) -> tuple[np.ndarray,
     row ``i`` (top to bottom), column ``j`` (left to right); its centre is
     ``xy + (-patch_px / 2 + (j + 1/2) patch_px / k, -patch_px / 2 + (i + 1/2) patch_px / k)``
     and its side ``round(patch_px / k)``. When ``k`` divides ``patch_px`` the
-    offsets are integers and, with :func:`stgen.patches.extract_patches`'
+    offsets are integers and, with :func:`stgen.image.patches.extract_patches`'
     rounding, the sub-patches tile the spot patch exactly (pixel for pixel).
     """
     xy = np.asarray(xy, dtype=np.float64)
@@ -350,7 +350,7 @@ class HiFusionNet(nn.Module):
                   y_std: torch.Tensor) -> None:
         """Feature (S + 1, F) and target (G,) standardisation, fitted on training spots.
 
-        Each sd is floored at 10% of its median (:func:`stgen.models.hinge.floored_std`).
+        Each sd is floored at 10% of its median (:func:`stgen.nn.stats.floored_std`).
         """
         self.feat_mean.copy_(feat_mean)
         self.feat_std.copy_(torch.stack([floored_std(s) for s in feat_std]))

@@ -3,11 +3,11 @@
 Dong et al., "Adapting a Pre-trained Single-Cell Foundation Model to Spatial
 Gene Expression Generation from Histology Images" (CVPR 2026):
 
-* the expression backbone (:class:`~stgen.models.backbone.ExpressionBackbone`)
+* the expression backbone (:class:`~stgen.backbones.embedded.ExpressionBackbone`)
   is frozen;
 * a condition ``c_t = phi([v; e_t])`` is built from the standardised histology
   feature ``v`` (B, F) and a sinusoidal timestep embedding ``e_t``;
-* an identity-initialised :class:`~stgen.models.softadaln.SoftAdaLN` sits before
+* an identity-initialised :class:`~stgen.nn.softadaln.SoftAdaLN` sits before
   every retention and GLU sub-layer, and before the value decoder;
 * the value decoder is initialised from the backbone's pre-trained decoder and
   trained; only ``phi``, the modulation heads/``eta`` and the decoder train.
@@ -16,18 +16,18 @@ The denoiser maps a partially masked expression vector to a prediction of all
 genes: ``forward(x_t (B, G), visible (B, G) bool, t (B,), feats (B, F)) -> (B, G)``.
 
 Ablation switches (:class:`HingeConfig`; HINGE Supp. Tables S2/S3, named
-overrides in :mod:`stgen.ablation`); the defaults are HINGE:
+overrides in :mod:`stgen.workflows.ablation`); the defaults are HINGE:
 
 * ``adaptation`` - ``hinge`` (frozen backbone + SoftAdaLN before every
   sub-layer), ``scratch`` (same model, backbone randomly re-initialised and
   trained), ``decoder_tune`` (frozen backbone, no per-layer modulation: only
   the SoftAdaLN before the value decoder), ``lora`` (HINGE + rank-``lora_rank``
-  LoRA on the backbone's retention/GLU projections, :mod:`stgen.models.lora`);
-* ``objective`` - ``mask`` (masked diffusion, :mod:`stgen.masking`) or
+  LoRA on the backbone's retention/GLU projections, :mod:`stgen.nn.lora`);
+* ``objective`` - ``mask`` (masked diffusion, :mod:`stgen.sampling.masking`) or
   ``gauss`` (Gaussian diffusion with x0-prediction and DDIM sampling,
-  :mod:`stgen.gaussian`); :meth:`HINGE.generate` dispatches on it;
+  :mod:`stgen.sampling.gaussian`); :meth:`HINGE.generate` dispatches on it;
 * ``soft_norm``, ``identity_init``, ``gate`` - SoftAdaLN switches
-  (:mod:`stgen.models.softadaln`).
+  (:mod:`stgen.nn.softadaln`).
 """
 
 from __future__ import annotations
@@ -154,9 +154,9 @@ class HINGE(nn.Module):
         Dispatches on ``config.objective``: ``mask`` runs the K-step unmasking
         sampler with ``schedule``; ``gauss`` runs K-step deterministic DDIM from
         pure noise on the cosine schedule over ``schedule.T`` steps
-        (:func:`stgen.gaussian.ddim_sample`; only ``schedule.T`` is used).
+        (:func:`stgen.sampling.gaussian.ddim_sample`; only ``schedule.T`` is used).
 
-        ``spot_keys`` (N,) int64 (:func:`stgen.masking.spot_keys` of the spots'
+        ``spot_keys`` (N,) int64 (:func:`stgen.sampling.masking.spot_keys` of the spots'
         pixel positions) makes each spot's reveal orders depend on its key and
         one seed drawn from ``generator`` only, so a spot's samples do not depend
         on the other spots of the call (mask objective).
@@ -211,8 +211,8 @@ def random_init_like_(backbone: nn.Module) -> nn.Module:
     The "Scratch" ablation (HINGE Supp. Tables S2/S3): same architecture and
     vocabulary, no pre-trained knowledge. The fresh weights are those of a
     newly constructed model of the same class and config (global torch RNG):
-    :class:`ExpressionBackbone`, CellFM (:class:`~stgen.models.cellfm.CellFMBackbone`)
-    or scGPT (:class:`~stgen.models.scgpt.ScGPTBackbone`); InputError for any other type.
+    :class:`ExpressionBackbone`, CellFM (:class:`~stgen.backbones.cellfm.CellFMBackbone`)
+    or scGPT (:class:`~stgen.backbones.scgpt.ScGPTBackbone`); InputError for any other type.
     """
     from stgen.backbones.cellfm import CellFMBackbone
     from stgen.backbones.scgpt import ScGPTBackbone

@@ -13,17 +13,17 @@ Pieces (``N`` spots, ``G`` genes, ``F`` feature width, ``d`` model width,
 
 * targets: log2(count+1) expression (the run's target units) standardised per
   gene on the training spots, ``x0 = (y - mean_g) / sd_g`` (sd floored at 10%
-  of the median gene sd, :func:`stgen.models.hinge.floored_std`); ``predict``
+  of the median gene sd, :func:`stgen.nn.stats.floored_std`); ``predict``
   returns target units;
 * forward process (DDPM, Ho et al. 2020 eq. 4): linear betas
   ``beta_t = linspace(1e-4, 0.02, T)``, ``T = 1000``,
   ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` (:class:`LinearSchedule`,
-  :func:`stgen.gaussian.q_sample`);
+  :func:`stgen.sampling.gaussian.q_sample`);
 * denoiser (DiT, Peebles & Xie 2023): the spot's ``G`` standardised noisy
   values are cut into ``n`` tokens of ``p`` consecutive genes (a 1-D
   "patchify", zero-padded at the end), ``Linear(p -> d)`` + a learned position
   embedding per token; DiT blocks with adaLN-Zero
-  (:class:`stgen.models.flag.DiTBlock`) conditioned on
+  (:class:`stgen.nn.dit.DiTBlock`) conditioned on
   ``c = MLP(timestep_embedding(t)) + MLP(v)`` with ``v`` the standardised
   image feature (z-scores clipped to +-8); a zero-initialised adaLN final
   layer maps each token back to its ``p`` genes (:class:`PatchFinalLayer`);
@@ -32,7 +32,7 @@ Pieces (``N`` spots, ``G`` genes, ``F`` feature width, ``d`` model width,
 * sampling: ``steps = T`` (the default) runs all ``T`` ancestral DDPM steps
   (Ho et al. Alg. 2, posterior variance ``beta~_t``); ``steps < T`` runs
   deterministic DDIM on the strided grid ``round(T k / steps)``
-  (:func:`stgen.gaussian.ddim_sample`, also the validation sampler); the
+  (:func:`stgen.sampling.gaussian.ddim_sample`, also the validation sampler); the
   ``samples`` draws per spot are averaged (mean) and their sd reported.
 
 Simplifications vs the paper (stated, not hidden):
@@ -148,9 +148,9 @@ class LinearSchedule:
     """DDPM's linear beta schedule (Ho et al. 2020 Sec. 4): ``beta_t = linspace(beta_start, beta_end, T)``.
 
     ``abar_t = prod_{s <= t} (1 - beta_s)`` for ``t = 0..T`` (``abar_0 = 1``).
-    Same interface as :class:`stgen.gaussian.GaussianSchedule` (``T``,
-    ``alpha_bar``), so :func:`stgen.gaussian.q_sample` and
-    :func:`stgen.gaussian.ddim_sample` run on it.
+    Same interface as :class:`stgen.sampling.gaussian.GaussianSchedule` (``T``,
+    ``alpha_bar``), so :func:`stgen.sampling.gaussian.q_sample` and
+    :func:`stgen.sampling.gaussian.ddim_sample` run on it.
     """
 
     T: int = 1000
@@ -177,7 +177,7 @@ class LinearSchedule:
 
 # ------------------------------------------------------------------ network
 class PatchFinalLayer(FinalLayer):
-    """:class:`~stgen.models.flag.FinalLayer` with ``p`` outputs per token: (B, n, d), (B, d) -> (B, n * p)."""
+    """:class:`~stgen.nn.dit.FinalLayer` with ``p`` outputs per token: (B, n, d), (B, d) -> (B, n * p)."""
 
     def __init__(self, dim: int, patch: int) -> None:
         super().__init__(dim)

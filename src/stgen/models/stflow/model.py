@@ -21,7 +21,7 @@ neighbour slots, ``B`` distance basis functions):
 
 * units: targets (log2(count+1), the run's target units) are standardised per
   gene on the training spots, ``(y - mean_g) / sd_g`` (sd floored at 10% of the
-  median, :func:`stgen.models.hinge.floored_std`); the flow runs in these
+  median, :func:`stgen.nn.stats.floored_std`); the flow runs in these
   units and ``predict`` returns target units;
 * prior (``prior="zinb"``): STFlow starts from a zero-inflated negative
   binomial prior fitted to the training expression (Huang et al.; the HINGE
@@ -34,7 +34,7 @@ neighbour slots, ``B`` distance basis functions):
   the ZINB shape is less natural. ``prior="gaussian"`` uses ``N(mean_g, sd_g^2)``
   (standard normal in standardised units) instead;
 * spot graph: each spot attends to its ``K = min(knn, N)`` nearest spots (itself
-  included; neighbours from :func:`stgen.graph.build_spot_graph`); the edge
+  included; neighbours from :func:`stgen.nn.graph.build_spot_graph`); the edge
   feature is a fixed Gaussian RBF expansion of the centre distance in units of
   the section's spot spacing (median nearest-neighbour distance), so the model
   depends on positions only through distances (E(2)-invariant) and on no
@@ -43,12 +43,12 @@ neighbour slots, ``B`` distance basis functions):
   MLP(timestep_embedding(t))``; ``layers`` pre-norm blocks of local attention
   with a learned per-head bias on the distance,
   ``q_i.k_j / sqrt(d_h) + sum_b lambda_{h,b} rbf_b(d_ij)``
-  (:class:`stgen.models.flag.EdgeBiasedGraphAttention` on the RBF basis), and a
-  GEGLU feed-forward (:class:`stgen.models.flag.GEGLU`); final LayerNorm and
+  (:class:`stgen.nn.graph.EdgeBiasedGraphAttention` on the RBF basis), and a
+  GEGLU feed-forward (:class:`stgen.nn.dit.GEGLU`); final LayerNorm and
   ``Linear(d -> G)`` predicting ``x_1``;
 * training: the flow-matching regression ``|| f(x_t, t) - x_1 ||^2`` on random
   spatially contiguous crops (``crop_spots`` nearest spots to a random centre,
-  :class:`stgen.train.FlagCrops`, with the section graph restricted to the
+  :class:`stgen.training.data.FlagCrops`, with the section graph restricted to the
   crop), one flow time ``t ~ U(0, 1)`` per crop (all spots of a section share
   ``t`` at sampling time), a fresh prior draw per crop.
 
@@ -195,7 +195,7 @@ def distance_graph(xy: np.ndarray, feats: np.ndarray, k: int, n_basis: int, dist
     """kNN spot graph whose edge feature is an RBF expansion of the distance in spot spacings.
 
     ``xy`` (N, 2) full-resolution pixels, ``feats`` (N, F) (checked for NaNs).
-    Neighbours: :func:`stgen.graph.build_spot_graph` (``K = min(k, N)``, self
+    Neighbours: :func:`stgen.nn.graph.build_spot_graph` (``K = min(k, N)``, self
     first). ``edge_attr`` (N, K, n_basis) float32:
     ``exp(-(d_ij / spacing - c_b)^2 / (2 w^2))`` with centres ``c_b`` evenly
     on ``[0, dist_max]`` and ``w`` their gap (``dist_max`` for one centre).
@@ -320,7 +320,7 @@ def flow_sample(net: STFlowNet, feats: torch.Tensor, graph: SpotGraph, steps: in
 
 # ------------------------------------------------------------------ training
 class STFlowModule(SampledValidationMSE, L.LightningModule):
-    """Flow-matching training on crops (:class:`stgen.train.FlagCrops` items) with best-validation weights.
+    """Flow-matching training on crops (:class:`stgen.training.data.FlagCrops` items) with best-validation weights.
 
     Loss: ``mean over training spots of the crop || f(x_t, t) - x_1 ||^2`` with
     ``x_t = (1 - t) x_0 + t x_1``, ``t ~ U(0, 1)`` one per crop, ``x_0`` a

@@ -25,7 +25,7 @@ Pieces and what each reproduces:
 Simplifications vs the paper (stated, not hidden):
 
 * trunk: EfficientNet-Lite0 with ImageNet weights (the package behind
-  :class:`stgen.features.EfficientNetLite0Encoder`) instead of ST-Net's
+  :class:`stgen.features.efficientnet.EfficientNetLite0Encoder`) instead of ST-Net's
   DenseNet-121 - about 8x fewer multiply-adds, needed for the CPU budget;
 * input size: the 224-px patch is resized (bilinear, antialiased) to
   ``input_px`` = 112 px before the network (ST-Net: 224), and the stem plus the
