@@ -380,9 +380,9 @@ def test_every_variant_saves_and_loads_through_a_run_directory(tmp_path):
                 p.add_(torch.randn_like(p) * 0.01)
         run = _write_run(tmp_path, name, model, cfg)
         loaded = load_run(run)
-        assert loaded.model.config == model.config, name
+        assert loaded.model.net.config.architecture() == model.config.architecture(), name
         for k, v in model.state_dict().items():
-            assert torch.equal(loaded.model.state_dict()[k], v), (name, k)
+            assert torch.equal(loaded.model.net.state_dict()[k], v), (name, k)
         a = loaded.predict(feats, samples=2, steps=3, seed=0, device="cpu")
         model.eval()
         b = model.generate(torch.as_tensor(feats), MaskSchedule(12, 10, cfg.hinge.schedule, cfg.hinge.zeta), steps=3,
