@@ -1,8 +1,7 @@
 """Command-line interface: ``stgen pretrain | fit | predict | evaluate | benchmark | ablate | steps | horizon``.
 
-Models (``--model`` / ``--models``): ``hinge``, ``flag``, ``ridge`` and the benchmark models
-``hifusion``, ``stnet``, ``bleep``, ``stem``, ``stflow`` (:mod:`stgen.models.registry`); ``--models all``
-runs every one.
+Models (``--model`` / ``--models``): every name of :data:`stgen.models.registry.MODELS` (the help texts
+are built from it); ``--models all`` runs every one.
 
 Every user-caused error (bad file, unknown section, ...) is printed as one line
 ``error: ...`` on stderr with exit code 2; nothing half-written is left behind.
@@ -19,10 +18,11 @@ import typer
 
 from stgen.workflows.config import StgenConfig
 from stgen.errors import StgenError
+from stgen.models.registry import GENERATIVE, MODELS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Spatial gene expression from H&E histology. Models: hinge (HINGE, the flagship), flag (FLAG), "
-                       "ridge, hifusion (HiFusion), stnet (ST-Net), bleep (BLEEP), stem (Stem), stflow (STFlow).")
+                  help="Spatial gene expression from H&E histology. Models: " + ", ".join(MODELS)
+                       + " (hinge = HINGE, the flagship).")
 
 DataOpt = typer.Option(None, "--data", help="data folder: Her2ST (ST-cnts/, ST-spotfiles/, ST-imgs/), HEST-1k, Space Ranger "
                        "samples or <section>.h5ad files (see --format); default: ../shared/data/her2st")
@@ -62,7 +62,7 @@ def pretrain(data: Optional[Path] = DataOpt, config: Optional[Path] = ConfigOpt,
 @app.command()
 def fit(test_section: str = typer.Option(..., "--test-section", help="held-out section, e.g. C2"),
         out: Path = typer.Option(..., "--out", help="RUN_DIR to create"),
-        model: str = typer.Option("hinge", "--model", help="hinge | flag | ridge | hifusion | stnet | bleep | stem | stflow"),
+        model: str = typer.Option("hinge", "--model", help=" | ".join(MODELS)),
         backbone: Optional[str] = typer.Option(
             None, "--backbone", help="HINGE backbone (FLAG: source of its frozen gene embeddings): default | "
             "cellfm:PATH.safetensors (see `stgen convert cellfm`) | scgpt:MODEL_DIR (best_model.pt, args.json, "
@@ -223,11 +223,11 @@ def evaluate(pred: Path = typer.Option(..., "--pred", help="prediction .h5ad fro
 
 @app.command()
 def benchmark(out: Path = typer.Option(..., "--out", help="REPORT_DIR"),
-              models: str = typer.Option("hinge,ridge", "--models", help="'all' or comma-separated, of hinge, flag, ridge, "
-                                         "hifusion, stnet, bleep, stem, stflow"),
+              models: str = typer.Option("hinge,ridge", "--models", help="'all' or comma-separated, of "
+                                         + ", ".join(MODELS)),
               sections: Optional[str] = typer.Option(None, "--sections", help="comma-separated held-out sections (default: all imaged)"),
-              seeds: int = typer.Option(1, "--seeds", help="sampling seeds 0..N-1 per generative model (hinge, "
-                                        "flag, stem, stflow) and fold: metrics averaged over seeds, plus their sd "
+              seeds: int = typer.Option(1, "--seeds", help="sampling seeds 0..N-1 per generative model ("
+                                        + ", ".join(GENERATIVE) + ") and fold: metrics averaged over seeds, plus their sd "
                                         "(FLAG H.5)"),
               data: Optional[Path] = DataOpt, config: Optional[Path] = ConfigOpt, cache: Optional[Path] = CacheOpt,
               quiet: bool = QuietOpt) -> None:

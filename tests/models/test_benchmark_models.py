@@ -28,16 +28,18 @@ TINY = {
     "bleep": {"proj_dim": 16, "max_epochs": 3, "batch_size": 32, "top_k": 5},
     "stem": {"dim": 16, "layers": 1, "heads": 2, "genes_per_token": 8, "max_steps": 20, "val_every": 10,
              "val_steps": 2, "steps": 20, "samples": 2},
+    "triplex": {"dim": 16, "fusion_layers": 1, "global_layers": 2, "neighbour_layers": 1, "fusion_heads": 2,
+                "global_heads": 2, "neighbour_heads": 2, "max_epochs": 2, "batch_size": 16},
     "stflow": {"dim": 16, "layers": 1, "heads": 2, "knn": 8, "dist_basis": 8, "crop_spots": 16, "max_steps": 20,
                "val_every": 10, "steps": 3, "samples": 2},
 }
 
 
 def test_registry_names_all_and_unknown_models():
-    assert expand_models("all") == list(MODELS) and len(MODELS) == 8
+    assert expand_models("all") == list(MODELS) and len(MODELS) == 9
     assert expand_models("stem, ridge,stem") == ["stem", "ridge"]
     assert set(GENERATIVE) == {"hinge", "flag", "stem", "stflow"}
-    with pytest.raises(InputError, match="available: hinge, flag, ridge, hifusion, stnet, bleep, stem, stflow"):
+    with pytest.raises(InputError, match="available: hinge, flag, ridge, hifusion, stnet, bleep, stem, stflow, triplex"):
         expand_models("hinge,nope")
     with pytest.raises(InputError, match="no model"):
         expand_models(" , ")

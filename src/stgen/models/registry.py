@@ -36,6 +36,7 @@ SPOT_MODELS: dict[str, tuple[str, str]] = {
     "bleep": ("stgen.models.bleep.model", "BLEEP"),
     "stem": ("stgen.models.stem.model", "Stem"),
     "stflow": ("stgen.models.stflow.model", "STFlow"),
+    "triplex": ("stgen.models.triplex.model", "Triplex"),
 }
 #: every model name, in report order
 MODELS: tuple[str, ...] = tuple(SPOT_MODELS)

@@ -134,7 +134,7 @@ def build_spot_graph(xy, feats, sigma_px: float = 224.0, k: int = 32) -> SpotGra
     return SpotGraph(nbrs, edge_attr, torch.ones(n, kk, dtype=torch.bool))
 
 
-__all__ = ["SpotGraph", "build_spot_graph"]
+__all__ = ["SpotGraph", "build_spot_graph", "spot_spacing"]
 
 
 class EdgeBiasedGraphAttention(nn.Module):
@@ -163,3 +163,15 @@ class EdgeBiasedGraphAttention(nn.Module):
         scores = scores.masked_fill(~graph.valid[:, None, :], float("-inf"))
         attn = self.drop(torch.softmax(scores, dim=-1))
         return self.out(torch.einsum("nhk,nkhd->nhd", attn, vn).reshape(n, -1))
+
+
+def spot_spacing(xy: np.ndarray) -> float:
+    """Median distance (pixels) from each spot to its nearest other spot at a positive distance (1 if none)."""
+    xy = np.asarray(xy, dtype=np.float64)
+    if len(xy) < 2:
+        return 1.0
+    g = build_spot_graph(xy, np.ones((len(xy), 1)), k=min(len(xy), 8))
+    d = np.linalg.norm(xy[:, None] - xy[g.neighbors.numpy()], axis=-1)[:, 1:]
+    d = np.where(d > 0, d, np.inf).min(1)
+    d = d[np.isfinite(d)]
+    return float(np.median(d)) if len(d) else 1.0

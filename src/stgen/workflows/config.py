@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # every model owns its hyper-parameter dataclass (stgen.model
     from stgen.models.stem.model import StemConfig
     from stgen.models.stflow.model import STFlowConfig
     from stgen.models.stnet.model import STNetConfig
+    from stgen.models.triplex.config import TriplexConfig
 from stgen.backbones.pretrain import PretrainConfig
 from stgen.utils.config import coerce_numbers
 
@@ -89,6 +90,7 @@ class StgenConfig:
     bleep: "BLEEPConfig" = _model_section("bleep")
     stem: "StemConfig" = _model_section("stem")
     stflow: "STFlowConfig" = _model_section("stflow")
+    triplex: "TriplexConfig" = _model_section("triplex")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -80,7 +80,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from stgen.utils.config import check_ranges, coerce_numbers
 from stgen.errors import InputError
-from stgen.nn.graph import SpotGraph, build_spot_graph
+from stgen.nn.graph import SpotGraph, build_spot_graph, spot_spacing
 from stgen.training.data import FlagCrops, split_validation
 from stgen.training.best_weights import SampledValidationMSE
 from stgen.training.trainer import _trainer
@@ -179,18 +179,6 @@ def sample_zinb(mu: np.ndarray, theta: np.ndarray, pi: np.ndarray, n: int, rng: 
 
 
 # ------------------------------------------------------------------ graph
-def spot_spacing(xy: np.ndarray) -> float:
-    """Median distance (pixels) from each spot to its nearest other spot at a positive distance (1 if none)."""
-    xy = np.asarray(xy, dtype=np.float64)
-    if len(xy) < 2:
-        return 1.0
-    g = build_spot_graph(xy, np.ones((len(xy), 1)), k=min(len(xy), 8))
-    d = np.linalg.norm(xy[:, None] - xy[g.neighbors.numpy()], axis=-1)[:, 1:]
-    d = np.where(d > 0, d, np.inf).min(1)
-    d = d[np.isfinite(d)]
-    return float(np.median(d)) if len(d) else 1.0
-
-
 def distance_graph(xy: np.ndarray, feats: np.ndarray, k: int, n_basis: int, dist_max: float) -> SpotGraph:
     """kNN spot graph whose edge feature is an RBF expansion of the distance in spot spacings.
 
