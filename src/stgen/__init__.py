@@ -4,7 +4,7 @@ Flow, one folder per stage (each imports only the ones before it):
 ``utils`` -> ``image`` (slides, patches) -> ``data`` (readers, targets, HMHVG panel) -> ``features``
 (encoders, cache) -> ``nn`` (shared layers) -> ``sampling`` (samplers) -> ``training`` (Lightning loops)
 -> ``backbones`` (expression foundation models) -> ``models/<name>`` (HINGE, FLAG, ridge, HiFusion,
-ST-Net, BLEEP, Stem, STFlow) -> ``evaluation`` (metrics, plots) -> ``workflows`` (fit, predict,
+ST-Net, BLEEP, Stem, STFlow, TRIPLEX) -> ``evaluation`` (metrics, plots) -> ``workflows`` (fit, predict,
 evaluate, benchmark) -> ``cli``.
 
 The Python API (:mod:`stgen.workflows.api`): ``stgen.read``, ``stgen.fit``, ``stgen.predict``,

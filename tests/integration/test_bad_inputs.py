@@ -8,7 +8,7 @@ goes through the public readers (:mod:`stgen.data.her2st`, :mod:`stgen.data.data
 ``evaluate`` with :class:`typer.testing.CliRunner`): exit code 2, one stderr line ``error: ...``
 naming the file, and no output file.
 
-The last section holds the bugs found in files owned by others (pipeline.py, cli.py, config.py,
+The last section holds the bugs found in files owned by others (then pipeline.py, cli.py, config.py; now under workflows/,
 downstream.py): those tests assert the right behaviour and fail until the fix named in each is
 applied.
 
@@ -569,7 +569,7 @@ def test_predict_seed_out_of_range(tmp_path: Path, run: SimpleNamespace) -> None
     """``--seed 99999999999999999999``: typer accepts any int, the prediction is computed, and then
     ``adata.write_h5ad`` raises ``TypeError: Object dtype dtype('O') has no native HDF5 equivalent``
     (``uns['stgen']['seed']`` is beyond int64; torch's ``manual_seed`` refuses it for HINGE/FLAG too).
-    Fix (pipeline.py, ``predict``, first lines): ``if not -2**63 <= int(seed) < 2**63: raise
+    Fix (workflows/predict.py, ``predict``, first lines): ``if not -2**63 <= int(seed) < 2**63: raise
     InputError(f"--seed must be a 64-bit integer, got {seed}")`` (or the same check in cli.py ``predict``)."""
     out = tmp_path / "pred.h5ad"
     r = cli(predict_args(run, out, None, None, "--seed", "99999999999999999999"))
@@ -579,7 +579,7 @@ def test_predict_seed_out_of_range(tmp_path: Path, run: SimpleNamespace) -> None
 
 def test_predict_maps_folder_that_is_a_file(tmp_path: Path, run: SimpleNamespace) -> None:
     """``--maps FILE``: the prediction is written, then the maps fail (``error: ...`` since stgen.utils.io
-    checks output folders), so the command fails but leaves its --out behind. Fix (pipeline.py,
+    checks output folders), so the command fails but leaves its --out behind. Fix (workflows/predict.py,
     ``predict``, before ``load_run``): ``if maps_dir is not None and Path(maps_dir).exists() and not
     Path(maps_dir).is_dir(): raise InputError(f"--maps {maps_dir}: not a folder")``."""
     (tmp_path / "maps").write_text("a file")
@@ -592,10 +592,10 @@ def test_predict_maps_folder_that_is_a_file(tmp_path: Path, run: SimpleNamespace
 @pytest.mark.parametrize("which", ["pred", "counts"])
 def test_evaluate_unreadable_h5ad(tmp_path: Path, run: SimpleNamespace, which: str) -> None:
     """A --pred or --counts .h5ad that is not HDF5 escapes as h5py's ``OSError: Unable to synchronously
-    open file (file signature not found)``. Fix (pipeline.py): in ``evaluate_prediction`` replace
+    open file (file signature not found)``. Fix (workflows/evaluate.py): in ``evaluate_prediction`` replace
     ``pred = ad.read_h5ad(pred_path)`` by ``pred = read_anndata(pred_path, "prediction file")`` and in
     ``load_truth`` ``truth = ad.read_h5ad(path)`` by ``truth = read_anndata(path, "truth file")``, with
-    ``from .data.readers import read_anndata`` (added for this; it raises InputError naming the file)."""
+    ``stgen.data.common.read_anndata`` (added for this; it raises InputError naming the file)."""
     from stgen.workflows.predict import predict
 
     good = tmp_path / "pred.h5ad"
@@ -611,7 +611,7 @@ def test_evaluate_unreadable_h5ad(tmp_path: Path, run: SimpleNamespace, which: s
 
 def test_evaluate_prediction_with_malformed_metadata(tmp_path: Path, run: SimpleNamespace) -> None:
     """A prediction whose ``uns['stgen']`` is not a mapping: ``AttributeError: 'str' object has no
-    attribute 'get'``. Fix (pipeline.py, ``evaluate_prediction``): ``info = pred.uns.get("stgen");
+    attribute 'get'``. Fix (workflows/evaluate.py, ``evaluate_prediction``): ``info = pred.uns.get("stgen");
     info = info if isinstance(info, dict) else {}`` and use ``info.get(...)`` for ``units`` and ``model``
     (a prediction without stgen metadata is scored in log2 units, as one without ``uns['stgen']`` is)."""
     from stgen.workflows.predict import predict
@@ -628,7 +628,7 @@ def test_evaluate_prediction_with_malformed_metadata(tmp_path: Path, run: Simple
 @pytest.mark.parametrize("out", ["", "/"])
 def test_fit_out_without_a_name(run: SimpleNamespace, out: str) -> None:
     """``stgen fit --out ''`` (or ``/``): ``ValueError: PosixPath('.') has an empty name`` from
-    ``out.with_name`` in ``_PartialRun.__init__``. Fix (pipeline.py, ``fit``, before ``_PartialRun``):
+    ``out.with_name`` in ``_PartialRun.__init__``. Fix (workflows/fit.py, ``fit``, before ``_PartialRun``):
     ``if not Path(out).name: raise InputError(f"--out {str(out)!r}: not a valid RUN_DIR name")``."""
     r = cli(["fit", "--model", "ridge", "--test-section", "A1", "--out", out, "--data", run.root / "nowhere"])
     assert_cli_error(r)
@@ -637,7 +637,7 @@ def test_fit_out_without_a_name(run: SimpleNamespace, out: str) -> None:
 def test_fit_does_not_replace_a_folder_that_is_not_a_run(tmp_path: Path, run: SimpleNamespace) -> None:
     """DATA LOSS: ``stgen fit --out EXISTING_FOLDER`` (or an existing file) trains, then
     ``_PartialRun._finish_publish`` moves the folder aside and deletes it - the user's files are gone.
-    Fix (pipeline.py, ``fit``, before any work): ``if out.exists() and not (out / "run.json").is_file():
+    Fix (workflows/fit.py, ``fit``, before any work): ``if out.exists() and not (out / "run.json").is_file():
     raise InputError(f"{out} exists and is not a stgen run directory; choose a new --out or delete it")``
     (a RUN_DIR of an earlier fit may still be replaced)."""
     import yaml
@@ -655,7 +655,7 @@ def test_fit_does_not_replace_a_folder_that_is_not_a_run(tmp_path: Path, run: Si
 
 def test_config_that_is_not_utf8(tmp_path: Path) -> None:
     """``--config`` with non-UTF-8 bytes: ``UnicodeDecodeError`` from ``StgenConfig.load``. Fix
-    (config.py, ``StgenConfig.load``): read with ``except (OSError, UnicodeDecodeError) as e: raise
+    (workflows/config.py, ``StgenConfig.load``): read with ``except (OSError, UnicodeDecodeError) as e: raise
     InputError(f"config file {p} is not a readable UTF-8 text file ({e})") from e`` around
     ``p.read_text()``."""
     cfg = tmp_path / "cfg.yaml"
@@ -667,7 +667,7 @@ def test_config_that_is_not_utf8(tmp_path: Path) -> None:
 
 def test_config_that_is_not_valid_yaml(tmp_path: Path) -> None:
     """A YAML syntax error is an InputError, but its message carries PyYAML's multi-line excerpt, so the
-    CLI prints eight lines. Fix (config.py, ``StgenConfig.load``): put the error on one line,
+    CLI prints eight lines. Fix (workflows/config.py, ``StgenConfig.load``): put the error on one line,
     ``raise InputError(f"config file {p} is not valid YAML: {' '.join(str(e).split())}") from e``."""
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("hinge: [1, 2\n")
@@ -678,7 +678,7 @@ def test_config_that_is_not_valid_yaml(tmp_path: Path) -> None:
 
 def test_evaluate_downstream_dir_that_is_a_file(tmp_path: Path, run: SimpleNamespace) -> None:
     """``--downstream-dir FILE``: after the scoring and Leiden clustering, ``folder.mkdir`` in
-    downstream.py raises ``FileExistsError``. Fix (pipeline.py, ``evaluate_prediction``, first lines):
+    downstream.py raises ``FileExistsError``. Fix (workflows/evaluate.py, ``evaluate_prediction``, first lines):
     ``if downstream_dir is not None and Path(downstream_dir).exists() and not
     Path(downstream_dir).is_dir(): raise InputError(f"--downstream-dir {downstream_dir}: not a folder")``."""
     from stgen.workflows.predict import predict

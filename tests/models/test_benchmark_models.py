@@ -13,26 +13,8 @@ from stgen.workflows.config import StgenConfig
 from stgen.errors import InputError
 from stgen.models.registry import GENERATIVE, MODELS, SPOT_MODELS, expand_models, spot_model
 from stgen.workflows.rundir import config_hash
+from model_fixtures import TINY  # noqa: E402  (tiny settings of every model)
 
-# sized so that every model fits the 2 x 30 training spots of the fixture in a second or two
-TINY = {
-    "data": {"n_top": 30},
-    "features": {"encoder": "rgb-stats", "patch_px": 16},
-    "pretrain": {"dim": 16, "n_layers": 2, "n_heads": 2, "value_bins": 8, "epochs": 1, "genes_per_step": 30},
-    "hinge": {"T": 5, "cond_dim": 16, "time_dim": 8, "max_epochs": 1, "es_warmup": 1, "curriculum_epochs": 1,
-              "batch_size": 16, "val_steps": 2, "steps": 2, "samples": 2},
-    "flag": {"dim": 16, "graph_layers": 1, "graph_heads": 2, "dit_layers": 2, "dit_heads": 2, "knn": 8,
-             "crop_spots": 16, "max_steps": 4, "val_every": 4, "val_steps": 1, "steps": 2, "samples": 2},
-    "hifusion": {"d_model": 16, "n_heads": 2, "max_epochs": 2, "batch_size": 16},
-    "stnet": {"encoder_arch": "tiny-cnn", "input_px": 16, "max_epochs": 2, "batch_size": 16},
-    "bleep": {"proj_dim": 16, "max_epochs": 3, "batch_size": 32, "top_k": 5},
-    "stem": {"dim": 16, "layers": 1, "heads": 2, "genes_per_token": 8, "max_steps": 20, "val_every": 10,
-             "val_steps": 2, "steps": 20, "samples": 2},
-    "triplex": {"dim": 16, "fusion_layers": 1, "global_layers": 2, "neighbour_layers": 1, "fusion_heads": 2,
-                "global_heads": 2, "neighbour_heads": 2, "max_epochs": 2, "batch_size": 16},
-    "stflow": {"dim": 16, "layers": 1, "heads": 2, "knn": 8, "dist_basis": 8, "crop_spots": 16, "max_steps": 20,
-               "val_every": 10, "steps": 3, "samples": 2},
-}
 
 
 def test_registry_names_all_and_unknown_models():

@@ -11,8 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from model_fixtures import synthetic_sections
-from test_benchmark_models import TINY
+from model_fixtures import TINY, synthetic_sections
 
 from stgen.backbones.embedded import BackboneConfig, ExpressionBackbone
 from stgen.models.base import FitContext, SpotModel

@@ -73,7 +73,7 @@ def _run(T: int = 10, seed: int = 0) -> TrainedRun:
 
 
 def _write_run_dir(path: Path, T: int = 10) -> Path:
-    """A RUN_DIR as pipeline.fit writes it: run.json, config.yaml, model.safetensors."""
+    """A RUN_DIR as stgen.workflows.fit.fit writes it: run.json, config.yaml, model.safetensors."""
     net = _model(T)
     path.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path / "model.safetensors")

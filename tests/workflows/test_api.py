@@ -7,8 +7,7 @@ import json
 import numpy as np
 import pytest
 import yaml
-from model_fixtures import synthetic_her2st
-from test_benchmark_models import TINY
+from model_fixtures import TINY, synthetic_her2st
 
 import stgen
 from stgen.errors import InputError

@@ -17,7 +17,7 @@ style blocks:
 
 Masked genes enter with value 0 plus a learned mask embedding. A per-gene value
 decoder (MLP on each gene token) predicts the expression value; pre-training is
-masked auto-encoding (MSE on masked genes), see :mod:`stgen.pretrain`.
+masked auto-encoding (MSE on masked genes), see :mod:`stgen.backbones.pretrain`.
 
 This small model stands in for CellFM-800M (40 layers, 1536-d) until real
 checkpoints are loaded. Each block exposes its sub-layers so that HINGE can

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TYPE_CHECKING
+from typing import Any
+from stgen.backbones.config import PretrainConfig
 from stgen.errors import InputError
-if TYPE_CHECKING:  # the benchmark models own their hyper-parameter dataclasses
-    pass
 import json
 import logging
 import time
@@ -27,25 +25,6 @@ from stgen.training.trainer import _trainer
 from stgen.training.losses import masked_mse
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PretrainConfig:
-    """Masked auto-encoding pre-training of the embedded expression backbone."""
-
-    corpus: list[str] | None = None  # default: all Her2ST sections except the imaged (evaluated) ones
-    n_genes: int | None = None  # backbone vocabulary cap (top by corpus mean); None = every corpus gene in CellFM's vocabulary
-    genes_per_step: int = 256  # gene subset per step, drawn with probability ~ corpus mean + 10% of its average
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 8
-    value_bins: int = 64
-    epochs: int = 10  # ~1,900 optimizer steps on the 12,427 corpus spots (3 epochs left gene-gene coupling weak)
-    batch_size: int = 64
-    lr: float = 1e-3
-    min_mask: float = 0.1
-    max_mask: float = 1.0  # up to fully masked spots: HINGE's sampler starts there
-    seed: int = 42
 
 
 # --------------------------------------------------------------------- pre-training

@@ -1,4 +1,4 @@
-"""The interface of the benchmark models (HiFusion and the papers' baselines).
+"""The interface of every model (:class:`SpotModel`), its inputs and what the workflows hand in.
 
 Every model kind registered in :mod:`stgen.models.registry` is a
 :class:`SpotModel`. The pipeline (:mod:`stgen.workflows.fit`) does everything around
@@ -30,12 +30,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from stgen.errors import InputError
 from stgen.features.extract import extract_features
 
-__all__ = ["SectionInput", "FeatureSettings", "FitContext", "SpotModel", "load_state_strict", "autocast_dtype", "check_sampler_options", "check_training_sections", "check_predict_section",
+__all__ = ["SectionInput", "FeatureSettings", "FitContext", "SpotModel", "load_state_strict", "read_weights", "autocast_dtype", "check_sampler_options", "check_training_sections", "check_predict_section",
            "resolve_count"]
 
 
@@ -195,12 +196,7 @@ class SpotModel(ABC):
     def load(cls, folder: Path, meta: dict, cfg: Any) -> "SpotModel":
         """The model saved by :meth:`save` in RUN_DIR ``folder`` (``meta``: its ``run.json``).
         InputError when the weights file is unreadable or does not match."""
-        path = Path(folder) / cls.weights_file
-        try:
-            tensors = load_file(path)
-        except (RuntimeError, OSError) as e:
-            raise InputError(f"{path} is not a readable safetensors file: {e}") from e
-        return cls.from_state(tensors, meta, cfg)
+        return cls.from_state(read_weights(Path(folder) / cls.weights_file), meta, cfg)
 
 
 def check_training_sections(train: list[SectionInput], panel: list[str], model: str, feats: bool = True) -> int:
@@ -251,6 +247,14 @@ def resolve_count(value: int | None, default: int, name: str, model: str) -> int
     if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
         raise InputError(f"{model}: {name} must be an integer >= 1, got {v!r}")
     return int(v)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; InputError naming ``path`` when it is missing, truncated or corrupt."""
+    try:
+        return load_file(path)
+    except (RuntimeError, OSError, SafetensorError) as e:
+        raise InputError(f"{path} is not a readable safetensors file: {e}") from e
 
 
 def load_state_strict(net: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path,

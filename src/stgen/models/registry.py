@@ -16,6 +16,7 @@ stnet      ST-Net, He et al. 2020 (:mod:`stgen.models.stnet.model`)           no
 bleep      BLEEP, Xie et al. 2023 (:mod:`stgen.models.bleep.model`)           no
 stem       Stem, Zhu et al. 2025 (:mod:`stgen.models.stem.model`)             yes
 stflow     STFlow, Huang et al. 2025 (:mod:`stgen.models.stflow.model`)       yes
+triplex    TRIPLEX, Chung et al. 2024 (:mod:`stgen.models.triplex`)     no
 =========  ===========================================================  ==========
 """
 
@@ -24,7 +25,10 @@ from __future__ import annotations
 import importlib
 
 from stgen.errors import InputError
-from stgen.models.base import SpotModel
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the registry itself imports no model (nor torch): the CLI starts fast
+    from stgen.models.base import SpotModel
 
 #: name -> (module, class) of every model, in report order
 SPOT_MODELS: dict[str, tuple[str, str]] = {
@@ -66,7 +70,7 @@ def expand_models(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     return out
 
 
-def spot_model(name: str) -> type[SpotModel]:
+def spot_model(name: str) -> "type[SpotModel]":
     """The :class:`SpotModel` class of model ``name`` (InputError listing the models for an unknown name)."""
     check_model(name)
     module, cls = SPOT_MODELS[name]

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import fields
-from typing import TYPE_CHECKING
 from stgen.errors import InputError
-if TYPE_CHECKING:  # the benchmark models own their hyper-parameter dataclasses
-    pass
 
 
 def coerce_numbers(cfg: object, section: str) -> None:

@@ -26,6 +26,7 @@ import pandas as pd
 from stgen.data.dataset import Dataset, as_dataset
 from stgen.data.targets import transform_counts
 from stgen.errors import InputError
+from stgen.training.trainer import is_launch_zero
 from stgen.workflows.config import StgenConfig
 from stgen.workflows.evaluate import load_truth, score_prediction
 from stgen.workflows.fit import fit as _fit
@@ -60,18 +61,20 @@ def _config(config: StgenConfig | dict | str | Path | None) -> StgenConfig:
 
 def fit(data: str | Path | Dataset, test_section: str, model: str = "hinge", out: str | Path | None = None,
         config: StgenConfig | dict | str | Path | None = None, cache_dir: str | Path | None = None,
-        progress: bool = True, **options: Any) -> TrainedRun:
+        progress: bool = True, **options: Any) -> TrainedRun | None:
     """Train ``model`` on every imaged section of ``data`` except ``test_section``; returns the loaded run.
 
     ``out`` is the RUN_DIR (default ``runs/<test_section>_<model>``); ``config`` a :class:`StgenConfig`, a
     dict of YAML sections (``{"hinge": {"max_epochs": 10}}``) or a YAML file. ``options`` go to
     :func:`stgen.workflows.fit.fit` (``resume``, ``accelerator``, ``devices``, ``data_format``, ...).
-    A finished RUN_DIR of the same configuration is re-used only with ``resume=True``; InputError otherwise
-    as for ``stgen fit``.
+    An existing RUN_DIR at ``out`` is refitted and replaced, as by ``stgen fit``; with ``resume=True`` an
+    interrupted fit continues and a finished one of the same configuration is returned as it is.
+    Under a multi-process launch (``devices`` > 1) only global rank 0 writes RUN_DIR; the other processes
+    return None.
     """
     out = Path(out) if out is not None else Path("runs") / f"{test_section}_{model}"
     _fit(data, test_section, out, model=model, cfg=_config(config), cache_dir=cache_dir, progress=progress, **options)
-    return load_run(out)
+    return load_run(out) if is_launch_zero() else None
 
 
 def predict(run: TrainedRun | str | Path, image: str | Path, spots: str | Path | None = None,

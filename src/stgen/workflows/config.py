@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # every model owns its hyper-parameter dataclass (stgen.model
     from stgen.models.stflow.model import STFlowConfig
     from stgen.models.stnet.model import STNetConfig
     from stgen.models.triplex.config import TriplexConfig
-from stgen.backbones.pretrain import PretrainConfig
+from stgen.backbones.config import PretrainConfig
 from stgen.utils.config import coerce_numbers
 
 

@@ -18,7 +18,7 @@ def default_data_dir() -> Path:
     (relative to the working directory, then to the source checkout) that holds ``ST-cnts``."""
     if "STGEN_DATA" in os.environ:
         return Path(os.environ["STGEN_DATA"])
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]  # src/stgen/workflows/paths.py -> the checkout
     for base in (Path.cwd(), repo):
         for cand in (base / "data/her2st", base / "data", base.parent / "shared/data/her2st"):
             if (cand / "ST-cnts").is_dir():

@@ -10,6 +10,7 @@ are inside ``model.safetensors``, so loading needs no backbone).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 from stgen.backbones.external import gene_token_embeddings
 from stgen.errors import InputError
 from stgen.models.base import (FeatureSettings, FitContext, SectionInput, SpotModel, autocast_dtype,
-                               check_sampler_options, load_state_strict)
+                               check_sampler_options, load_state_strict, read_weights)
 from stgen.models.flag.config import FlagConfig
 from stgen.models.flag.network import FLAG
 from stgen.models.flag.training import train_flag
@@ -76,11 +77,18 @@ class FlagModel(SpotModel):
         return {"backbone": self.backbone_meta} if self.backbone_meta is not None else {}
 
     @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict, cfg: FlagConfig) -> "FlagModel":
+    def load(cls, folder: Path, meta: dict, cfg) -> "SpotModel":
+        """As :meth:`SpotModel.load`, naming the weights file in a mismatch error."""
+        path = Path(folder) / cls.weights_file
+        return cls.from_state(read_weights(path), meta, cfg, source=str(path))
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict, cfg: FlagConfig,
+                   source: str = "model.safetensors") -> "FlagModel":
         fm = meta[cls.name]
         emb = torch.zeros(len(meta["panel"]), fm["embedding_dim"]) if fm.get("embedding_dim") else None
         net = FLAG(FlagConfig.from_architecture(fm["config"]), len(meta["panel"]), meta["feature_dim"], emb)
-        load_state_strict(net, tensors, cls.weights_file)
+        load_state_strict(net, tensors, source)
         return cls(net.eval(), fm, meta.get("backbone"), cfg)
 
     def predict(self, section: SectionInput, features: FeatureSettings, samples: int | None = None,
@@ -93,6 +101,7 @@ class FlagModel(SpotModel):
             raise InputError("FLAG predicts whole sections from a spot graph: give the spots' pixel coordinates xy")
         steps = steps or self.meta["steps"]
         samples = samples or self.meta["samples"]
+        batch_size = batch_size or None  # 0 or None: every spot in one DiT chunk
         check_sampler_options(samples, batch_size)
         dtype = autocast_dtype(precision or self.cfg.precision)
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

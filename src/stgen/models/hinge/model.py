@@ -20,7 +20,7 @@ from stgen.backbones.embedded import BackboneConfig, ExpressionBackbone
 from stgen.backbones.external import load_external_backbone
 from stgen.errors import InputError
 from stgen.models.base import (FeatureSettings, FitContext, SectionInput, SpotModel, autocast_dtype,
-                               check_sampler_options, load_state_strict)
+                               check_sampler_options, load_state_strict, read_weights)
 from stgen.models.hinge.config import HingeConfig
 from stgen.models.hinge.network import HINGE
 from stgen.models.hinge.training import train_hinge
@@ -77,7 +77,14 @@ class HingeModel(SpotModel):
         return {"backbone": self.backbone_meta}
 
     @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict, cfg: HingeConfig) -> "HingeModel":
+    def load(cls, folder: Path, meta: dict, cfg) -> "SpotModel":
+        """As :meth:`SpotModel.load`, naming the weights file in a mismatch error."""
+        path = Path(folder) / cls.weights_file
+        return cls.from_state(read_weights(path), meta, cfg, source=str(path))
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict, cfg: HingeConfig,
+                   source: str = "model.safetensors") -> "HingeModel":
         b = meta["backbone"]
         kind = b.get("kind", "default")
         if kind == "default":
@@ -87,7 +94,7 @@ class HingeModel(SpotModel):
         h = meta[cls.name]
         net = HINGE(bb, meta["panel"], meta["feature_dim"], h["T"], HingeConfig.from_architecture(h["config"]))
         # adapter only with an external backbone: the frozen backbone comes from its own file
-        load_state_strict(net, tensors, cls.weights_file, keep_prefix="backbone." if kind != "default" else None)
+        load_state_strict(net, tensors, source, keep_prefix="backbone." if kind != "default" else None)
         return cls(net.eval(), h, b, cfg)
 
     def predict(self, section: SectionInput, features: FeatureSettings, samples: int | None = None,

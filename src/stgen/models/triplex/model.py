@@ -91,7 +91,8 @@ def neighbour_features(section: SectionInput, features: FeatureSettings, cfg: Tr
     out[snapped] = section.feats[idx[snapped]]
     todo = np.flatnonzero(~snapped)
     if len(todo):
-        # positions shared by several spots' neighbourhoods (a regular grid) are encoded once
+        # positions in one cell of snap x stride (one lattice site seen from several spots, up to their jitter) are
+        # encoded once, at the first such position in spot order
         key = np.rint(flat[todo] / max(cfg.snap * stride, 1.0)).astype(np.int64)
         _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
         enc = np.asarray(features.encode(image, flat[todo][first]), dtype=np.float32)
@@ -148,15 +149,21 @@ class TriplexModule(BestWeights, L.LightningModule):
         self._losses: list[float] = []
         self._val_sq = self._val_n = 0.0
 
+    def on_fit_start(self) -> None:  # the sections are not batches: Lightning does not move them to the device
+        for sec in self.sections:
+            for k in ("feats", "neighbours", "lattice", "y"):
+                sec[k] = sec[k].to(self.device)
+
     def _forward(self, s: int, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         sec = self.sections[s]
+        rows = rows.to(self.device)
         g = self.net.encode_global(sec["feats"], sec["lattice"])
         return self.net(sec["feats"][rows], sec["neighbours"][rows], g[rows])
 
     def training_step(self, batch, batch_idx):
         s, rows = batch
         rows = torch.as_tensor(rows)
-        loss = triplex_loss(self._forward(int(s), rows), self.sections[int(s)]["y"][rows], self.cfg.alpha)
+        loss = triplex_loss(self._forward(int(s), rows), self.sections[int(s)]["y"][rows.to(self.device)], self.cfg.alpha)
         self._losses.append(float(loss.detach()))
         self.log("loss", loss, prog_bar=True, batch_size=len(rows))
         return loss
@@ -168,7 +175,7 @@ class TriplexModule(BestWeights, L.LightningModule):
         s, rows = batch
         rows = torch.as_tensor(rows)
         pred = self._forward(int(s), rows)["fused"]
-        self._val_sq += float(((pred - self.sections[int(s)]["y"][rows]) ** 2).sum())
+        self._val_sq += float(((pred - self.sections[int(s)]["y"][rows.to(self.device)]) ** 2).sum())
         self._val_n += pred.numel()
 
     def on_validation_epoch_end(self) -> None:
@@ -237,7 +244,7 @@ class Triplex(SpotModel):
                 warnings.filterwarnings("ignore", message=".*but have no .val_dataloader.")
                 trainer.fit(module, train_dl, val_dl)
         module.restore_best(net)
-        net.eval()
+        net.cpu().eval()
         history = {"epochs_run": trainer.current_epoch, "best_epoch": module.best_epoch,
                    "best_val_mse": module.best_val if val_dl is not None else None,
                    "n_train": int(sum(len(r) for r in train_rows)), "n_val": int(sum(len(r) for r in val_rows)),
