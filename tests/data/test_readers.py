@@ -388,6 +388,46 @@ def test_check_spot_scale() -> None:
     assert np.isnan(check_spot_scale(xy[:1], 2.0, 100.0, "x"))
 
 
+def test_scale_check_uses_the_array_lattice_for_a_subset() -> None:
+    """A QC-filtered or cropped Visium section (sparse spots) passes when the array coordinates give the pitch;
+    a wrong scale still fails with the same message; pixels that do not follow the array are refused."""
+    rows, cols = np.meshgrid(np.arange(30), np.arange(60), indexing="ij")
+    keep = (rows + cols) % 2 == 0  # Visium: columns alternate between rows
+    a = np.column_stack([cols[keep], rows[keep]])
+    xy = np.column_stack([a[:, 0] * 50.0, a[:, 1] * 86.6]) + 1000.0  # 100 um pitch at 1 um/px
+    sub = np.random.default_rng(0).choice(len(a), 60, replace=False)  # 60 of 900 spots
+    with pytest.raises(InputError, match="median spot spacing.*too large"):  # nearest neighbours are far apart
+        check_spot_scale(xy[sub], 1.0, 100.0, "s")
+    assert check_spot_scale(xy[sub], 1.0, 100.0, "s", array_xy=a[sub], grid="hex") == pytest.approx(100.0, rel=1e-6)
+    with pytest.raises(InputError, match=r"s: spot pitch from the array coordinates is 200 um .*2x too large"):
+        check_spot_scale(xy[sub] * 2, 1.0, 100.0, "s", array_xy=a[sub], grid="hex")
+    shuffled = a[sub][np.random.default_rng(1).permutation(len(sub))]
+    with pytest.raises(InputError, match="do not follow the array coordinates"):
+        check_spot_scale(xy[sub], 1.0, 100.0, "s", array_xy=shuffled, grid="hex")
+    # legacy ST square grid, one array step = one pitch; collinear spots fall back to nearest neighbours
+    sq = np.column_stack([np.arange(10) % 5, np.arange(10) // 5])
+    assert check_spot_scale(sq * 200.0, 1.0, 200.0, "q", array_xy=sq, grid="square") == pytest.approx(200.0)
+    line = np.column_stack([np.arange(5), np.zeros(5)])
+    assert check_spot_scale(line * 200.0, 1.0, 200.0, "q", array_xy=line) == pytest.approx(200.0)
+
+
+def test_space_ranger_matrix_with_a_sparse_subset_of_spots_reads(tmp_path) -> None:
+    """Issue 18's report: a filtered matrix holding only some in-tissue spots (QC, subsetting) read with the
+    positions table of the whole array; its nearest-neighbour spacing is several pitches, the array lattice
+    gives the true pitch."""
+    from reader_fixtures import write_10x_h5
+
+    s = make_spaceranger_outs(tmp_path, n_spots=300, seed=4)
+    idx = s.truth.order(filtered=True)
+    idx = idx[(s.truth.array_row[idx] % 3 == 0) & (s.truth.array_col[idx] % 6 < 2)]  # spots 3 pitches apart
+    write_10x_h5(s.matrix, s.truth, idx)
+    a = read_spaceranger(s.outs, image=s.image)
+    assert a.n_obs == len(idx)
+    xy = a.obsm["spatial"]
+    with pytest.raises(InputError, match="median spot spacing"):  # the old nearest-neighbour check refuses it
+        check_spot_scale(xy, a.uns["stgen"]["mpp"], 100.0, "subset")
+
+
 # --------------------------------------------------------------------------- data sets
 
 

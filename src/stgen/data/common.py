@@ -218,19 +218,52 @@ def _flag_column(values: Any, where: str, name: str) -> np.ndarray:
 SPACING_RANGE_UM = (40.0, 500.0)
 
 
+def array_pitch_px(array_xy: np.ndarray, xy_px: np.ndarray, grid: str, source: str) -> float | None:
+    """Spot pitch in full-resolution pixels from the affine map array -> pixel coordinates, or None when the
+    spots do not span two array directions (fewer than 3, or all on one line).
+
+    The map ``pixel = A @ array + b`` is fitted by least squares on the spots present, so a sparse or subset
+    section (QC-filtered spots, a crop) gives the pitch of the full array. One array step is one pitch on a
+    ``square`` (legacy ST) grid, and half a pitch along a row (``array_col``) on a ``hex`` (Visium) grid.
+    InputError naming ``source`` when the pixel coordinates do not follow the array coordinates (median
+    residual over a quarter pitch: e.g. mixed-up columns).
+    """
+    a = np.asarray(array_xy, dtype=np.float64).reshape(-1, 2)
+    xy = np.asarray(xy_px, dtype=np.float64).reshape(-1, 2)
+    if len(a) < 3 or np.linalg.matrix_rank(a - a.mean(0)) < 2:
+        return None
+    design = np.column_stack([a, np.ones(len(a))])
+    coef, *_ = np.linalg.lstsq(design, xy, rcond=None)  # (3, 2): rows = array x, array y, offset
+    step_x, step_y = np.linalg.norm(coef[0]), np.linalg.norm(coef[1])
+    pitch = 2.0 * step_x if grid == "hex" else 0.5 * (step_x + step_y)
+    resid = np.linalg.norm(design @ coef - xy, axis=1)
+    if not pitch > 0 or np.median(resid) > 0.25 * pitch:
+        raise InputError(f"{source}: the pixel coordinates do not follow the array coordinates (median "
+                         f"distance to the fitted lattice {np.median(resid):.3g} px, pitch {pitch:.3g} px): are the "
+                         "pixel or array columns mixed up?")
+    return float(pitch)
+
+
 def check_spot_scale(
     xy_px: np.ndarray,
     mpp: float,
     spacing_um: float | None,
     source: str,
     tolerance: float = SCALE_TOLERANCE,
+    array_xy: np.ndarray | None = None,
+    grid: str = "square",
 ) -> float:
     """Check that spot coordinates and ``mpp`` agree with the array's spot spacing.
 
-    The median nearest-neighbour distance between spot centres (pixels) times
-    ``mpp`` must be within ``tolerance`` (relative) of ``spacing_um``; with
-    ``spacing_um=None`` (technology unknown, e.g. a spot file given to predict)
-    it must lie in :data:`SPACING_RANGE_UM`, the span of real spot arrays.
+    The spot pitch in pixels times ``mpp`` must be within ``tolerance``
+    (relative) of ``spacing_um``; with ``spacing_um=None`` (technology unknown,
+    e.g. a spot file given to predict) it must lie in :data:`SPACING_RANGE_UM`,
+    the span of real spot arrays. With ``array_xy`` (the spots' integer array
+    coordinates, ``grid`` ``square`` or ``hex``) the pitch comes from the affine
+    map array -> pixels (:func:`array_pitch_px`), which holds for any subset of
+    the array's spots; without them (or when they span a single line) it is the
+    median nearest-neighbour distance between spot centres, which is too large
+    for a sparse subset.
 
     Parameters
     ----------
@@ -258,7 +291,10 @@ def check_spot_scale(
     nn = nn[nn > 0]
     if len(nn) == 0:
         raise InputError(f"{source}: all {len(xy)} spots share the same coordinates")
-    measured = float(np.median(nn)) * float(mpp)
+    pitch_px = array_pitch_px(array_xy, xy, grid, source) if array_xy is not None else None
+    what = "median spot spacing" if pitch_px is None else "spot pitch from the array coordinates"
+    pitch_px = float(np.median(nn)) if pitch_px is None else pitch_px
+    measured = pitch_px * float(mpp)
     if spacing_um is None:
         lo, hi = SPACING_RANGE_UM
         if lo <= measured <= hi:
@@ -278,7 +314,7 @@ def check_spot_scale(
             "image, or is the spot grid (hex 100 um / square 200 um) wrong for this technology?"
         )
     raise InputError(
-        f"{source}: median spot spacing is {measured:.3g} um ({np.median(nn):.4g} px x "
+        f"{source}: {what} is {measured:.3g} um ({pitch_px:.4g} px x "
         f"{mpp:.4g} um/px) but {spacing_um:g} um is expected; {cause}"
     )
 
@@ -327,7 +363,7 @@ def _assemble(
             f"{where}: {int(bad.sum())} spot(s) with missing or non-finite pixel coordinates "
             f"(first: {spots[bad][0]!r})"
         )
-    check_spot_scale(pixel_xy, mpp, spacing_um, where)
+    check_spot_scale(pixel_xy, mpp, spacing_um, where, array_xy=array_xy, grid=grid)
     if image_wh is not None:
         check_spots_in_image(
             pixel_xy, spots, image_wh[0], image_wh[1], where,
