@@ -80,7 +80,7 @@ def main() -> None:
         if len(ok) >= 2:
             (n0, a), (n1, b) = ok[0], ok[-1]
             et = math.log(b["seconds"] / a["seconds"]) / math.log(n1 / n0)
-            em = math.log((b["peak_mib"] - a["before_mib"]) / max(a["peak_mib"] - a["before_mib"], 1.0)) / math.log(n1 / n0)
+            em = math.log(max(b["peak_mib"] - b["before_mib"], 1.0) / max(a["peak_mib"] - a["before_mib"], 1.0)) / math.log(n1 / n0)
             print(f"{mode}: growth exponent {n0} -> {n1} spots: time {et:.2f}, memory above the idle process {em:.2f}")
     print(f"(parent peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB)")
 
