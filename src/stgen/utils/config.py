@@ -46,3 +46,13 @@ def check_ranges(cfg: object, section: str, *, at_least_1: tuple[str, ...] = (),
             v = getattr(cfg, name)
             if not ok(v):
                 raise InputError(f"{section}.{name} must be {rule}, got {v!r}")
+
+
+def check_divisible(cfg: object, section: str, width: str, *heads: str) -> None:
+    """InputError naming ``section.width`` and the first ``section.<heads>`` field that does not divide it
+    (attention splits a width into equal heads). Call after :func:`check_ranges` has checked the heads >= 1."""
+    w = getattr(cfg, width)
+    for name in heads:
+        h = getattr(cfg, name)
+        if w % h:
+            raise InputError(f"{section}.{width} {w} is not divisible by {section}.{name} {h}")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 
 from stgen.errors import InputError
 from stgen.sampling.vesde import VESDE
-from stgen.utils.config import coerce_numbers
+from stgen.utils.config import check_divisible, coerce_numbers
 
 #: the fields that define the network (stored in run.json; the rest is training and sampling)
 ARCH_FIELDS = ("dim", "graph_layers", "graph_heads", "dit_layers", "dit_heads", "mlp_ratio", "align_layer", "dropout",
@@ -80,9 +80,7 @@ class FlagConfig:
                 raise InputError(f"flag.{name} must be >= 1, got {getattr(self, name)!r}")
         if self.graph_layers < 0:
             raise InputError(f"flag.graph_layers must be >= 0, got {self.graph_layers!r}")
-        for heads in ("graph_heads", "dit_heads"):
-            if self.dim % getattr(self, heads):
-                raise InputError(f"flag.dim {self.dim} is not divisible by flag.{heads} {getattr(self, heads)}")
+        check_divisible(self, "flag", "dim", "graph_heads", "dit_heads")
         if not 1 <= self.align_layer <= self.dit_layers:
             raise InputError(f"flag.align_layer must be in 1..dit_layers ({self.dit_layers}), got {self.align_layer}")
         if not self.mlp_ratio > 0 or not 0 <= self.dropout < 1:

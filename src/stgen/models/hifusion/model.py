@@ -92,7 +92,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
-from stgen.utils.config import check_ranges, coerce_numbers
+from stgen.utils.config import check_divisible, check_ranges, coerce_numbers
 from stgen.errors import InputError
 from stgen.training.best_weights import BestWeights
 from stgen.training.callbacks import WarmupEarlyStopping
@@ -188,8 +188,7 @@ class HiFusionConfig:
                      at_least_1=("d_model", "n_heads", "ff_mult", "batch_size", "predict_batch_size"),
                      at_least_0=("n_layers", "max_epochs", "patience", "align_weight", "weight_decay", "grad_clip"),
                      positive=("region_scale", "lr"), fraction=("dropout", "val_fraction"))
-        if self.d_model % self.n_heads:
-            raise InputError(f"hifusion.d_model {self.d_model} is not divisible by hifusion.n_heads {self.n_heads}")
+        check_divisible(self, "hifusion", "d_model", "n_heads")
         if self.key_tokens not in KEY_TOKENS:
             raise InputError(f"unknown hifusion.key_tokens {self.key_tokens!r}; choose one of {KEY_TOKENS}")
         if self.align_metric not in ALIGN_METRICS:

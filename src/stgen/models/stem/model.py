@@ -67,7 +67,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from tqdm.auto import tqdm
-from stgen.utils.config import check_ranges, coerce_numbers
+from stgen.utils.config import check_divisible, check_ranges, coerce_numbers
 from stgen.errors import InputError
 from stgen.sampling.gaussian import ddim_sample, q_sample
 from stgen.training.best_weights import SampledValidationMSE
@@ -129,8 +129,7 @@ class StemConfig:
                                                "batch_size_predict", "batch_size", "max_steps", "val_every",
                                                "val_steps"),
                      at_least_0=("clip_x0",), positive=("mlp_ratio", "lr"), fraction=("val_fraction", "dropout"))
-        if self.dim % self.heads:
-            raise InputError(f"stem.dim {self.dim} is not divisible by stem.heads {self.heads}")
+        check_divisible(self, "stem", "dim", "heads")
         if not 0 < self.beta_start < self.beta_end < 1:
             raise InputError(f"stem betas must satisfy 0 < beta_start < beta_end < 1, "
                              f"got {self.beta_start}, {self.beta_end}")

@@ -78,7 +78,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from stgen.utils.config import check_ranges, coerce_numbers
+from stgen.utils.config import check_divisible, check_ranges, coerce_numbers
 from stgen.errors import InputError
 from stgen.nn.graph import SpotGraph, build_spot_graph, spot_spacing
 from stgen.training.data import FlagCrops, split_validation
@@ -136,8 +136,7 @@ class STFlowConfig:
         check_ranges(self, "stflow", at_least_1=("dim", "layers", "heads", "knn", "dist_basis", "steps", "samples",
                                                  "crop_spots", "max_steps", "val_every"),
                      positive=("dist_max", "mlp_ratio", "lr"), fraction=("dropout", "val_fraction"))
-        if self.dim % self.heads:
-            raise InputError(f"stflow.dim {self.dim} is not divisible by stflow.heads {self.heads}")
+        check_divisible(self, "stflow", "dim", "heads")
         if self.prior not in PRIORS:
             raise InputError(f"unknown stflow.prior {self.prior!r}; choose one of {PRIORS}")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from stgen.errors import InputError
-from stgen.utils.config import check_ranges, coerce_numbers
+from stgen.utils.config import check_divisible, check_ranges, coerce_numbers
 
 STRIDES = ("pitch", "patch")
 #: the fields that fix the network (stored in run.json)
@@ -84,9 +84,7 @@ class TriplexConfig:
                                  "batch_size", "predict_batch_size"),
                      at_least_0=("max_epochs", "patience", "snap"), positive=("mlp_ratio", "lr", "gamma"),
                      fraction=("fusion_dropout", "global_dropout", "neighbour_dropout", "val_fraction", "alpha"))
-        for heads in ("fusion_heads", "global_heads", "neighbour_heads"):
-            if self.dim % getattr(self, heads):
-                raise InputError(f"triplex.dim {self.dim} is not divisible by triplex.{heads} {getattr(self, heads)}")
+        check_divisible(self, "triplex", "dim", "fusion_heads", "global_heads", "neighbour_heads")
         if self.n_neighbours % 2 == 0 or self.kernel_size % 2 == 0:
             raise InputError(f"triplex.n_neighbours and triplex.kernel_size must be odd (the spot at the centre), "
                              f"got {self.n_neighbours}, {self.kernel_size}")
