@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from stgen.errors import InputError
 from stgen.features.extract import extract_features
 
-__all__ = ["SectionInput", "FeatureSettings", "FitContext", "SpotModel", "load_state_strict", "read_weights", "autocast_dtype", "check_sampler_options", "check_training_sections", "check_predict_section",
+__all__ = ["SectionInput", "FeatureSettings", "FitContext", "SpotModel", "load_state_strict", "read_weights", "autocast_dtype", "sampling_device", "check_sampler_options", "check_training_sections", "check_predict_section",
            "resolve_count"]
 
 
@@ -274,6 +274,11 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     """The autocast dtype of a Lightning precision string (``bf16-mixed`` -> bfloat16, ``16-mixed`` ->
     float16; ``32-true`` -> None: no autocast)."""
     return {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0])
+
+
+def sampling_device(device: str | torch.device | None = None) -> torch.device:
+    """``device``, or CUDA when available and else the CPU (where the samplers run by default)."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def check_sampler_options(samples: int, batch_size: int | None) -> None:

@@ -47,12 +47,8 @@ from stgen.errors import InputError  # noqa: E402
 from stgen.utils.io import atomic_dir, write_json
 from stgen.sampling.masking import MaskSchedule, reverse_timesteps, sample_unmasking
 from stgen.evaluation.metrics import evaluate_section
-from stgen.evaluation.sweep_plots import METRICS
-from stgen.evaluation.sweep_plots import SPATIAL_METRICS
-from stgen.evaluation.sweep_plots import _present
-from stgen.evaluation.sweep_plots import plot_budget
-from stgen.evaluation.sweep_plots import plot_horizon
-from stgen.evaluation.sweep_plots import plot_stepwise
+from stgen.evaluation.sweep_plots import METRICS, SPATIAL_METRICS, _present, plot_budget, plot_horizon, plot_stepwise
+from stgen.models.base import autocast_dtype, sampling_device
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +93,6 @@ def _scores(pred: np.ndarray, truth: np.ndarray, genes: Sequence[str], coords: A
     too small for the spatial graph, :func:`stgen.evaluation.metrics.evaluate_section`)."""
     m = evaluate_section(pred, truth, genes, coords=coords)
     return {k: float(m[k]) for k in (*METRICS, *SPATIAL_METRICS) if k in m}
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def _autocast_dtype(run: Any, precision: str | None) -> torch.dtype | None:
-    precision = precision or run.cfg.hinge.precision
-    return {"bf16": torch.bfloat16, "16": torch.float16}.get(str(precision).split("-")[0])
 
 
 def _predict_kwargs(batch_size: int | None, device: str | None, precision: str | None) -> dict:
@@ -175,8 +162,8 @@ def stepwise_metrics(
     batch_size = int(batch_size or run.cfg.hinge.sample_batch_size)
     if samples < 1 or batch_size < 1:
         raise InputError(f"samples and batch_size must be >= 1, got {samples}, {batch_size}")
-    dev = _device(device)
-    dtype = _autocast_dtype(run, precision)
+    dev = sampling_device(device)
+    dtype = autocast_dtype(precision or run.cfg.hinge.precision)
     model = model.to(dev).eval()
 
     # per-step accumulators over samples, on the CPU: sums of x0_hat, x0_hat^2 and of the state
@@ -498,7 +485,7 @@ def run_step_analysis(
         log.warning("%d panel gene(s) absent from section %s are taken as zero counts: %s",
                     len(missing), section, missing[:10])
     samples = int(samples or h["samples"])
-    dev = _device(device)
+    dev = sampling_device(device)
     coords = _section_coords(adata)
 
     t0 = time.perf_counter()

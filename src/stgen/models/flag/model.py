@@ -19,7 +19,8 @@ import torch
 from stgen.backbones.external import gene_token_embeddings
 from stgen.errors import InputError
 from stgen.models.base import (FeatureSettings, FitContext, SectionInput, SpotModel, autocast_dtype,
-                               check_sampler_options, load_state_strict, read_weights)
+                               check_sampler_options, load_state_strict, read_weights,
+                               sampling_device)
 from stgen.models.flag.config import FlagConfig
 from stgen.models.flag.network import FLAG
 from stgen.models.flag.training import train_flag
@@ -104,7 +105,7 @@ class FlagModel(SpotModel):
         batch_size = batch_size or None  # 0 or None: every spot in one DiT chunk
         check_sampler_options(samples, batch_size)
         dtype = autocast_dtype(precision or self.cfg.precision)
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dev = sampling_device(device)
         graph = graph_builder(self.meta)(section.xy, section.feats)
         gen = torch.Generator().manual_seed(seed)
         net = self.net.to(dev)

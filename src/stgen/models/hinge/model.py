@@ -20,7 +20,8 @@ from stgen.backbones.embedded import BackboneConfig, ExpressionBackbone
 from stgen.backbones.external import load_external_backbone
 from stgen.errors import InputError
 from stgen.models.base import (FeatureSettings, FitContext, SectionInput, SpotModel, autocast_dtype,
-                               check_sampler_options, load_state_strict, read_weights)
+                               check_sampler_options, load_state_strict, read_weights,
+                               sampling_device)
 from stgen.models.hinge.config import HingeConfig
 from stgen.models.hinge.network import HINGE
 from stgen.models.hinge.training import train_hinge
@@ -112,7 +113,7 @@ class HingeModel(SpotModel):
         batch_size = batch_size or self.cfg.sample_batch_size
         check_sampler_options(samples, batch_size)
         dtype = autocast_dtype(precision or self.cfg.precision)
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dev = sampling_device(device)
         gen = torch.Generator().manual_seed(seed)
         net = self.net.to(dev)
         keys = {} if section.xy is None else {"spot_keys": spot_keys(section.xy)}
