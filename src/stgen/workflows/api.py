@@ -21,14 +21,12 @@ from typing import Any, Sequence
 
 import anndata as ad
 import numpy as np
-import pandas as pd
 
 from stgen.data.dataset import Dataset, as_dataset
-from stgen.data.targets import transform_counts
 from stgen.errors import InputError
 from stgen.training.trainer import is_launch_zero
 from stgen.workflows.config import StgenConfig
-from stgen.workflows.evaluate import load_truth, score_prediction
+from stgen.workflows.evaluate import load_truth, score_prediction, truth_in_units
 from stgen.workflows.fit import fit as _fit
 from stgen.workflows.predict import predict as _predict
 from stgen.workflows.rundir import TrainedRun, load_run
@@ -99,9 +97,7 @@ def predict(run: TrainedRun | str | Path, image: str | Path, spots: str | Path |
 
 def _truth(truth: ad.AnnData | str | Path, units: str) -> ad.AnnData:
     if isinstance(truth, ad.AnnData):  # raw counts, as stgen.read returns them
-        raw = truth.layers["counts"] if "counts" in truth.layers else truth.X
-        return ad.AnnData(X=transform_counts(raw, units), obs=pd.DataFrame(index=truth.obs_names),
-                          var=pd.DataFrame(index=truth.var_names))
+        return truth_in_units(truth, units)
     return load_truth(truth, units)
 
 

@@ -21,14 +21,16 @@ def load_truth(path: str | Path, units: str) -> ad.AnnData:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"truth file {path} does not exist")
-    if path.suffix == ".h5ad":
-        truth = read_anndata(path, "truth file")
-        raw = truth.layers["counts"] if "counts" in truth.layers else truth.X
-    else:
-        truth = read_counts(path)
-        raw = truth.X
-    return ad.AnnData(X=transform_counts(raw, units), obs=pd.DataFrame(index=truth.obs_names),
-                      var=pd.DataFrame(index=truth.var_names))
+    truth = read_anndata(path, "truth file") if path.suffix == ".h5ad" else read_counts(path)
+    return truth_in_units(truth, units)
+
+
+def truth_in_units(counts: ad.AnnData, units: str) -> ad.AnnData:
+    """A raw-count AnnData (``layers['counts']`` when present, else ``.X``) as a truth in target ``units``
+    (e.g. log2(count+1)), spots and genes kept."""
+    raw = counts.layers["counts"] if "counts" in counts.layers else counts.X
+    return ad.AnnData(X=transform_counts(raw, units), obs=pd.DataFrame(index=counts.obs_names),
+                      var=pd.DataFrame(index=counts.var_names))
 
 
 @dataclass
