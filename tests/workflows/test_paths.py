@@ -20,7 +20,7 @@ def test_default_data_dir_from_another_folder(tmp_path, monkeypatch):
             default_data_dir()
         return
     found = default_data_dir()
-    assert (found / "ST-cnts").is_dir() and REPO.parent in found.resolve().parents
+    assert (found / "ST-cnts").is_dir() and REPO.parent in found.parents  # not resolved: ../shared may be a link
 
 
 def test_stgen_data_wins(tmp_path, monkeypatch):
