@@ -18,3 +18,8 @@ class InputError(StgenError, ValueError):
 
     The message always names the input (path or value) and what is wrong.
     """
+
+
+class LowResolutionImageWarning(UserWarning):
+    """A section's spot patches come from a downsampled image (e.g. Visium's ``tissue_hires_image.png``)
+    because no full-resolution image was given: they cover the right tissue but hold less detail."""

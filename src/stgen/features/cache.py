@@ -46,8 +46,10 @@ def feature_cache_path(
     encoder: str,
     tta: bool,
     input_px: int | None = None,
+    image_scale: float = 1.0,
 ) -> Path:
-    """Cache file ``<cache_dir>/features/<key>.npy`` for these inputs (hashes the image)."""
+    """Cache file ``<cache_dir>/features/<key>.npy`` for these inputs (hashes the image; ``image_scale``: image
+    pixels per full-resolution pixel of a downsampled image, :class:`stgen.image.scaled.SlideRef`)."""
     key = {
         "image_sha256": _image_sha256(Path(image_path)),
         "centers_sha256": _centers_sha256(np.asarray(centers_xy, dtype=np.float64)),
@@ -58,6 +60,8 @@ def feature_cache_path(
     }
     if input_px is not None:  # only then, so that the keys of every cache written before it stay valid
         key["input_px"] = int(input_px)
+    if float(image_scale) != 1.0:  # likewise: full-resolution images keep their keys
+        key["image_scale"] = float(image_scale)
     if encoder not in _REGISTRY and (":" in encoder or "+" in encoder):
         parts = _parts(encoder)
         if any(p.path is not None for p in parts):  # weights files: key on their bytes, not their paths

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 import os
-from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 from stgen.errors import InputError
 from stgen.utils.io import atomic_path
-from stgen.image.slide import Slide, open_slide
+from stgen.image.scaled import SlideRef, as_slide_ref, open_ref
+from stgen.image.slide import Slide
 from stgen.features.cache import _load_cached
 from stgen.features.registry import _spec
 from stgen.features.cache import _write_checksum
@@ -41,7 +41,7 @@ def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def extract_features(
-    image_path: str | os.PathLike,
+    image_path: SlideRef | str | os.PathLike,
     centers_xy: np.ndarray,
     patch_px: int = 224,
     encoder: str = "efficientnet-lite0",
@@ -57,7 +57,9 @@ def extract_features(
     Parameters
     ----------
     image_path : full-resolution H&E slide, any format :func:`stgen.image.slide.open_slide` reads
-        (JPEG/PNG decoded once; pyramidal TIFF/OME-TIFF and OpenSlide formats read tile by tile).
+        (JPEG/PNG decoded once; pyramidal TIFF/OME-TIFF and OpenSlide formats read tile by tile), or a
+        :class:`stgen.image.scaled.SlideRef` to a downsampled image (e.g. Visium's hires PNG): patches
+        then cover the same tissue, cut at the coarse resolution and upsampled.
     centers_xy : (N, 2) spot centres ``(x=column, y=row)`` in full-resolution px.
     patch_px : patch side in full-resolution px (resized to the encoder input size).
     encoder : encoder spec: a registered name (see :func:`encoder_names`), ``uni:PATH``,
@@ -85,7 +87,8 @@ def extract_features(
         unreadable image.
     """
     spec = _spec(encoder)
-    image_path = Path(image_path)
+    ref = as_slide_ref(image_path)
+    image_path = ref.path
     c = np.asarray(centers_xy, dtype=np.float64)
     if c.ndim != 2 or c.shape[1] != 2 or not np.isfinite(c).all():
         raise InputError(f"centres for {image_path} must be a finite (N, 2) array, got shape {c.shape}")
@@ -102,7 +105,7 @@ def extract_features(
 
     cache_file = None
     if cache_dir is not None:
-        cache_file = feature_cache_path(cache_dir, image_path, c, patch_px, encoder, tta, input_px)
+        cache_file = feature_cache_path(cache_dir, image_path, c, patch_px, encoder, tta, input_px, image_scale=ref.scale)
         cached = _load_cached(cache_file, (n, spec.dim))
         if cached is not None:
             return cached
@@ -112,7 +115,7 @@ def extract_features(
     out = np.empty((n, spec.dim), dtype=np.float32)
     desc = f"features {image_path.parent.name}/{image_path.name}"
     # a JPEG/PNG is decoded once; a tiled TIFF / WSI is read lazily, only the tiles under the patches
-    with (nullcontext(slide) if slide is not None else open_slide(image_path)) as slide, torch.no_grad(), \
+    with (nullcontext(slide) if slide is not None else open_ref(ref)) as slide, torch.no_grad(), \
             tqdm(total=n, desc=desc, unit="patch", disable=not show_progress) as bar:
         for s in range(0, n, int(batch_size)):
             patches = slide.read_patches(c[s : s + batch_size], int(patch_px))

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from stgen.errors import InputError
 from stgen.features.extract import extract_features
+from stgen.image.scaled import SlideRef, as_slide_ref
 
 __all__ = ["SectionInput", "FeatureSettings", "FitContext", "SpotModel", "load_state_strict", "read_weights", "autocast_dtype", "sampling_device", "check_sampler_options", "check_training_sections", "check_predict_section",
            "resolve_count"]
@@ -50,8 +51,9 @@ class SectionInput:
     xy : (N, 2) float64 spot centres, full-resolution pixels (x, y); ``None`` only for models without
         ``needs_xy`` (HINGE without position-keyed reveal orders, ridge).
     feats : (N, F) float32 encoder features of each spot's patch.
-    image : path of the full-resolution H&E image (``None`` only when a model
-        needs nothing beyond ``feats``).
+    image : the H&E image: a path of the full-resolution slide or a
+        :class:`~stgen.image.scaled.SlideRef` (a downsampled image at its scale); ``None`` only when a model
+        needs nothing beyond ``feats``.
     targets : (N, G) float32 expression in the run's units, or ``None`` (predict).
     """
 
@@ -77,11 +79,13 @@ class SectionInput:
     def n_spots(self) -> int:
         return len(self.feats)
 
-    def require_image(self, model: str) -> Path:
-        """The image path; InputError naming ``model`` when the section has none."""
-        if self.image is None or not Path(self.image).is_file():
+    def require_image(self, model: str) -> SlideRef:
+        """The image as a :class:`~stgen.image.scaled.SlideRef` (open it with
+        :func:`~stgen.image.scaled.open_ref`); InputError naming ``model`` when the section has none."""
+        ref = as_slide_ref(self.image) if self.image is not None else None
+        if ref is None or not ref.path.is_file():
             raise InputError(f"{model} reads image patches itself: section {self.name} has no image ({self.image})")
-        return Path(self.image)
+        return ref
 
 
 @dataclass
@@ -100,7 +104,7 @@ class FeatureSettings:
     cache_dir: Path | None = None
     progress: bool = False
 
-    def encode(self, image: str | Path, xy: np.ndarray, patch_px: int | None = None,
+    def encode(self, image: SlideRef | str | Path, xy: np.ndarray, patch_px: int | None = None,
                input_px: int | None = None, slide=None) -> np.ndarray:
         """(N, dim) float32 features of ``patch_px``-pixel patches (default: the spot patch) around ``xy``,
         resized to ``input_px`` (default: the encoder's input size; ``slide``: ``image`` already opened;

@@ -170,3 +170,9 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def sha256_json(obj: Any) -> str:
     """Hex SHA-256 of a JSON-serialisable object in canonical form (sorted keys)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """``$STGEN_CACHE`` or ``./.stgen_cache``: features, pre-trained backbones and images materialised from
+    AnnData / SpatialData stores (``images/``)."""
+    return Path(os.environ.get("STGEN_CACHE", Path.cwd() / ".stgen_cache"))

@@ -25,6 +25,7 @@ import yaml
 from stgen import __version__
 from stgen.backbones.external import load_external_backbone, parse_backbone_spec
 from stgen.backbones.pretrain import get_backbone
+from stgen.data.common import section_image
 from stgen.data.dataset import as_dataset
 from stgen.data.panel import load_vocabulary, select_hmhvg
 from stgen.data.targets import transform_counts
@@ -156,7 +157,7 @@ def fit(
     meta.update(panel=panel, n_train_spots=int(sum(len(f) for f in feat_list)), feature_dim=int(feat_list[0].shape[1]),
                 features={"encoder": cfg.features.encoder, "patch_px": cfg.features.patch_px, "tta": cfg.features.tta},
                 spots=spot_layout(train.values(), cfg.features.patch_px, cfg.features.patch_um))
-    sections = [SectionInput(name, a.obsm["spatial"], fs, a.uns["stgen"].get("image_path"), ts)
+    sections = [SectionInput(name, a.obsm["spatial"], fs, section_image(a), ts)
                 for name, fs, a, ts in zip(train, feat_list, train.values(), target_list)]
     sub = getattr(cfg, model)
     with work as tmp:  # <out>.partial/out (rank 0), published as out on success; checkpoints, resume, devices

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from stgen.workflows.config import StgenConfig
 from stgen.data.her2st import read_spots
-from stgen.data.common import read_anndata
+from stgen.data.common import read_anndata, section_image
 from stgen.data.dataset import Dataset, as_dataset
 from stgen.errors import InputError
 from stgen.models.base import FeatureSettings
@@ -29,11 +29,11 @@ def section_patch_px(cfg: StgenConfig, mpp: float | None, section: str = "sectio
 def section_features(adata: ad.AnnData, cfg: StgenConfig, cache_dir: Path, progress: bool = True) -> np.ndarray:
     """Histology features (N, F) of a section's spots (cached on disk); patches of :func:`section_patch_px`."""
     info = adata.uns["stgen"]
-    path = info.get("image_path")
-    if not path:
+    image = section_image(adata)
+    if image is None:
         raise InputError(f"section {info.get('section')} has no H&E image")
     px = section_patch_px(cfg, info.get("mpp"), str(info.get("section")))
-    return feature_settings(cfg, cache_dir, progress).encode(path, adata.obsm["spatial"], patch_px=px)
+    return feature_settings(cfg, cache_dir, progress).encode(image, adata.obsm["spatial"], patch_px=px)
 
 
 def feature_settings(cfg: StgenConfig, cache_dir: str | Path | None, progress: bool = False) -> FeatureSettings:

@@ -6,11 +6,7 @@ import os
 from pathlib import Path
 from stgen.data.her2st import find_image
 from stgen.errors import InputError
-
-
-def default_cache_dir() -> Path:
-    """``$STGEN_CACHE`` or ``./.stgen_cache`` (features and pre-trained backbones)."""
-    return Path(os.environ.get("STGEN_CACHE", Path.cwd() / ".stgen_cache"))
+from stgen.utils.io import default_cache_dir  # noqa: F401 - re-exported: the workflows' default
 
 
 def default_data_dir() -> Path:

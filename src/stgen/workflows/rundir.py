@@ -13,6 +13,7 @@ import yaml
 
 from stgen import __version__
 from stgen.errors import InputError
+from stgen.image.scaled import SlideRef, as_slide_ref
 from stgen.models.base import FeatureSettings, SectionInput, SpotModel
 from stgen.models.registry import MODELS, spot_model
 from stgen.utils.io import sha256_json, write_json
@@ -223,20 +224,20 @@ class TrainedRun:
     def predict(self, feats: np.ndarray, samples: int | None = None, steps: int | None = None,
                 seed: int = 0, progress: bool = False, batch_size: int | None = None,
                 device: str | None = None, precision: str | None = None,
-                xy: np.ndarray | None = None, image: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+                xy: np.ndarray | None = None, image: "SlideRef | str | Path | None" = None) -> tuple[np.ndarray, np.ndarray]:
         """Mean and sd over samples, (N, G) each, in the run's target units.
 
         ``feats`` (N, F) are the spot-patch features, ``xy`` (N, 2) the spots' full-resolution pixel
         coordinates (needed by every model with ``needs_xy`` and by FLAG, whose spot graph is built from
-        them; HINGE keys each spot's reveal orders on its position when given), ``image`` the slide
-        (HiFusion and ST-Net encode or fine-tune on its patches). All spots are one section, generated
+        them; HINGE keys each spot's reveal orders on its position when given), ``image`` the slide (a path,
+        or a :class:`~stgen.image.scaled.SlideRef` to a downsampled image; HiFusion and ST-Net encode or fine-tune on its patches). All spots are one section, generated
         together. ``batch_size``, ``device`` (default: CUDA when available) and ``precision``
         (``bf16-mixed``/``16-mixed``: autocast) go to the backbone models; the others run on the CPU.
         """
         cls = type(self.model)
         if xy is None and cls.needs_xy:
             raise InputError(f"{self.meta['model']} needs the spots' pixel coordinates xy")
-        section = SectionInput("predict", xy, feats, Path(image) if image is not None else None)
+        section = SectionInput("predict", xy, feats, as_slide_ref(image) if image is not None else None)
         mean, std = self.model.predict(section, self.features(progress), samples=samples, steps=steps, seed=seed,
                                        progress=progress, batch_size=batch_size, device=device, precision=precision)
         return np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)

@@ -61,7 +61,7 @@ from torch.utils.data import DataLoader, Dataset
 from stgen.utils.config import check_ranges, coerce_numbers
 from stgen.errors import InputError
 from stgen.features.efficientnet import IMAGENET_MEAN, IMAGENET_STD
-from stgen.image.patches import extract_patches, open_image
+from stgen.image.scaled import open_ref
 from stgen.training.best_weights import BestWeights, mean_or_nan
 from stgen.training.trainer import _trainer
 from stgen.training.data import split_validation
@@ -266,11 +266,12 @@ class STNetNet(nn.Module):
 def load_patches(section: SectionInput, patch_px: int, input_px: int) -> torch.Tensor:
     """(N, 3, input_px, input_px) uint8 patches of ``patch_px`` full-resolution px around ``section.xy``.
 
-    The image is decoded once; patches are resized (bilinear, antialiased) to
+    The image is decoded once (:func:`stgen.image.scaled.open_ref`: a downsampled image is cut at its scale and
+    upsampled); patches are resized (bilinear, antialiased) to
     ``input_px`` in chunks. InputError when the section has no readable image.
     """
-    path = section.require_image("stnet")
-    arr = extract_patches(open_image(path), section.xy, int(patch_px))  # (N, P, P, 3)
+    with open_ref(section.require_image("stnet")) as slide:
+        arr = slide.read_patches(section.xy, int(patch_px))  # (N, P, P, 3)
     x = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
     if int(patch_px) == int(input_px):
         return x
