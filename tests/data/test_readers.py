@@ -26,7 +26,7 @@ from stgen.data.dataset import Dataset, detect_format, open_dataset
 from stgen.data.h5ad import read_h5ad_section
 from stgen.data.hest import read_hest_sample
 from stgen.data.visium import read_10x_counts, read_spaceranger, read_tissue_positions
-from stgen.errors import InputError
+from stgen.errors import InputError, LowResolutionImageWarning
 
 OBS_COLUMNS = ["array_x", "array_y", "pixel_x", "pixel_y", "section"]
 # the fixtures, like many real files, carry a duplicated gene symbol
@@ -247,11 +247,15 @@ def test_spaceranger_mpp_sources(tmp_path: Path) -> None:
     s.scalefactors.unlink()
     b = read_spaceranger(s.outs, image=s.image)
     assert b.uns["stgen"]["mpp"] == pytest.approx(1.9) and b.uns["stgen"]["mpp_source"] == "image resolution tags"
+    # no image: the hires PNG cannot be placed without its scale factor
+    with pytest.raises(InputError, match=r"scalefactors_json\.json \(file not found\): scale factor "
+                                         r"tissue_hires_scalef is missing"):
+        read_spaceranger(s.outs)
     with pytest.raises(InputError, match=r"scalefactors_json\.json: not found.*pass mpp="):
-        read_spaceranger(s.outs)  # no image, no scale factors
-    assert read_spaceranger(s.outs, mpp=2.0).uns["stgen"]["image_path"] is None
+        read_spaceranger(s.outs, downsampled=False)  # expression only, no scale factors
+    assert read_spaceranger(s.outs, mpp=2.0, downsampled=False).uns["stgen"]["image_path"] is None
     with pytest.raises(InputError, match="has no H&E image"):
-        read_spaceranger(s.outs, mpp=2.0, require_image=True)
+        read_spaceranger(s.outs, mpp=2.0, require_image=True, downsampled=False)
 
 
 def test_hires_coordinates_are_rejected(tmp_path: Path) -> None:
@@ -463,11 +467,19 @@ def test_visium_dataset_conventions(tmp_path: Path) -> None:
     a = make_spaceranger_outs(tmp_path, "P2", image="tif")
     make_spaceranger_outs(tmp_path, "P1", image=None, matrix="mtx")
     ds = open_dataset(tmp_path)
-    assert ds.sections() == ["P1", "P2"] and ds.sections(imaged_only=True) == ["P2"]
+    # P1 has only Space Ranger's hires/lowres PNGs: imaged through the hires one, at its scale factor
+    assert ds.sections() == ["P1", "P2"] and ds.sections(imaged_only=True) == ["P1", "P2"]
     assert ds.image("P2") == a.image and ds.image("P1") is None
     r = ds.read("P2", require_image=True)
     assert_layout(r, "P2")
-    assert r.uns["stgen"]["image_path"] == str(a.image)
+    assert r.uns["stgen"]["image_path"] == str(a.image) and "image_scale" not in r.uns["stgen"]
+    with pytest.warns(LowResolutionImageWarning, match=r"P1: no full-resolution image; using tissue_hires_image"):
+        h = ds.read("P1", require_image=True)
+    assert h.uns["stgen"]["image_path"] == str(tmp_path / "P1/outs/spatial/tissue_hires_image.png")
+    assert h.uns["stgen"]["image_scale"] == 0.25
+    for kind in ("hires", "lowres"):
+        (tmp_path / f"P1/outs/spatial/tissue_{kind}_image.png").unlink()
+    assert ds.sections(imaged_only=True) == ["P2"]
     with pytest.raises(InputError, match="'P1' has no H&E image"):
         ds.read("P1", require_image=True)
     assert ds.read("P1").uns["stgen"]["image_path"] is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from stgen.errors import InputError
+from stgen.image.scaled import SlideRef
 
 
 VISIUM_SPOT_DIAMETER_UM = 55.0
@@ -122,8 +124,32 @@ def _count_matrix(M: Any, where: str, hint: str = "") -> sp.csr_matrix:
     return out
 
 
-def _sum_duplicate_genes(X: sp.csr_matrix, genes: Iterable[Any], where: str) -> tuple[sp.csr_matrix, list[str]]:
-    """Strip symbols, reject empty ones and sum duplicated symbols (first-seen order)."""
+def _default_vocabulary() -> tuple[list[str] | None, Path | None]:
+    """The CellFM vocabulary and ``genemap.csv`` beside it when one is found (:func:`stgen.data.panel.default_vocab_path`),
+    else ``(None, None)``; read once per file version."""
+    from stgen.data.panel import default_vocab_path
+
+    p = default_vocab_path()
+    if p is None or not p.is_file():
+        return None, None
+    return _vocab_file(str(p), p.stat().st_mtime_ns), (p.parent / "genemap.csv")
+
+
+@functools.lru_cache(maxsize=2)
+def _vocab_file(path: str, mtime_ns: int) -> list[str]:
+    from stgen.data.panel import load_vocabulary
+
+    return load_vocabulary(path)
+
+
+def _sum_duplicate_genes(X: sp.csr_matrix, genes: Iterable[Any], where: str, var: pd.DataFrame | None = None,
+                         make_unique_suffixes: bool = False) -> tuple[sp.csr_matrix, list[str]]:
+    """Strip symbols, reject empty ones, resolve identifiers to vocabulary symbols
+    (:func:`stgen.data.genes.resolve_gene_names`: Ensembl ids through ``var``, ``var_names_make_unique``
+    suffixes when ``make_unique_suffixes``, aliases and case against the default vocabulary) and sum
+    duplicated symbols (first-seen order)."""
+    from stgen.data.genes import resolve_gene_names
+
     names = [("" if g is None else str(g)).strip() for g in genes]
     if len(names) != X.shape[1]:
         raise InputError(f"{where}: {len(names)} gene names for {X.shape[1]} matrix columns")
@@ -132,6 +158,9 @@ def _sum_duplicate_genes(X: sp.csr_matrix, genes: Iterable[Any], where: str) -> 
     if any(n == "" or n.lower() == "nan" for n in names):
         i = next(i for i, n in enumerate(names) if n == "" or n.lower() == "nan")
         raise InputError(f"{where}: empty gene symbol (column {i})")
+    vocab, genemap = _default_vocabulary()
+    names = resolve_gene_names(names, where, var=var, vocabulary=vocab, genemap=genemap,
+                               make_unique_suffixes=make_unique_suffixes)
     codes, uniq = pd.factorize(pd.Index(names, dtype=object))
     if len(uniq) < len(names):
         S = sp.csr_matrix(
@@ -348,6 +377,7 @@ def _assemble(
     image: Path | None,
     image_wh: tuple[int, int] | None,
     image_name: str | None = None,
+    image_scale: float = 1.0,
     mpp: float,
     mpp_source: str,
     grid: str,
@@ -355,7 +385,8 @@ def _assemble(
     diameter_um: float,
     source: str,
 ) -> ad.AnnData:
-    """Run the shared geometry checks and build the section AnnData."""
+    """Run the shared geometry checks and build the section AnnData. ``image_wh`` is the image's size in its own
+    pixels; ``image_scale`` (< 1 for a downsampled image) its pixels per full-resolution pixel."""
     pixel_xy = np.ascontiguousarray(pixel_xy, dtype=np.float64)
     bad = ~np.isfinite(pixel_xy).all(axis=1)
     if bad.any():
@@ -365,8 +396,9 @@ def _assemble(
         )
     check_spot_scale(pixel_xy, mpp, spacing_um, where, array_xy=array_xy, grid=grid)
     if image_wh is not None:
+        full_wh = [int(math.ceil(v / image_scale - 1e-6)) for v in image_wh]
         check_spots_in_image(
-            pixel_xy, spots, image_wh[0], image_wh[1], where,
+            pixel_xy, spots, full_wh[0], full_wh[1], where,
             image_name or (image.name if image is not None else "the image"),
         )
     adata = _new_anndata(X, spots, genes)
@@ -386,7 +418,51 @@ def _assemble(
         "grid": grid,
         "mpp_source": mpp_source,
     }
+    if image_scale != 1.0:
+        adata.uns["stgen"]["image_scale"] = float(image_scale)
     return adata
+
+
+def section_image(adata: ad.AnnData) -> SlideRef | None:
+    """The H&E image of a section read by stgen (``uns['stgen']``): a :class:`~stgen.image.scaled.SlideRef` of
+    ``image_path`` at ``image_scale`` (image pixels per full-resolution pixel; absent = 1, the full-resolution
+    slide; e.g. Space Ranger's ``tissue_hires_scalef`` when only the hires PNG exists), or None."""
+    info = adata.uns.get("stgen") if isinstance(adata.uns.get("stgen"), dict) else {}
+    path = info.get("image_path")
+    if not path:
+        return None
+    return SlideRef(Path(path), float(info.get("image_scale", 1.0)))
+
+
+#: Downsampled images of a Space Ranger ``spatial/`` folder / a scanpy ``uns['spatial'][lib]['images']``, best
+#: first, with the scale-factor field that maps full-resolution pixels to them.
+DOWNSAMPLED_IMAGES = (("hires", "tissue_hires_scalef"), ("lowres", "tissue_lowres_scalef"))
+
+
+def downsampled_scale(scalefactors: dict, field: str, where: str) -> float:
+    """``scalefactors[field]`` (image pixels per full-resolution pixel), checked: InputError naming ``where``
+    and ``field`` when it is missing, not a number, 0 or negative, or above 1."""
+    v = scalefactors.get(field) if isinstance(scalefactors, dict) else None
+    f = _pos_float(v)
+    if f is None or f > 1:
+        got = "missing" if v is None else f"{v!r}"
+        raise InputError(f"{where}: scale factor {field} is {got}; it must be a number in (0, 1] (image "
+                         "pixels per full-resolution pixel) to use the downsampled image")
+    return f
+
+
+def warn_downsampled(section: str, image: str, size: tuple[int, int], scale: float, mpp: float | None) -> None:
+    """Warn (:class:`~stgen.errors.LowResolutionImageWarning`) that ``section``'s patches come from ``image`` (a
+    file or field name), a
+    ``size`` = (w, h) px image at ``scale`` of full resolution (``mpp``: microns per full-resolution pixel)."""
+    from stgen.errors import LowResolutionImageWarning
+
+    res = f", {mpp / scale:.3g} um/px" if mpp else ""
+    warnings.warn(
+        f"section {section}: no full-resolution image; using {image} ({size[0]} x {size[1]} px, "
+        f"x{scale:.4g} of full resolution{res}): spot patches cover the same tissue but are cut at that "
+        "resolution and upsampled to the encoder's input; pass the full-resolution H&E image for full detail",
+        LowResolutionImageWarning, stacklevel=3)
 
 
 def _new_anndata(X: sp.csr_matrix, spots: Iterable[Any], genes: Iterable[str]) -> ad.AnnData:
@@ -431,7 +507,7 @@ def _anndata_counts(adata: ad.AnnData, path: Path) -> tuple[sp.csr_matrix, list[
         M, name = adata.X, ".X"
         hint = "; store raw counts in .X or layers['counts']"
     X = _count_matrix(M, f"{path}: {name}", hint)
-    return _sum_duplicate_genes(X, adata.var_names, str(path))
+    return _sum_duplicate_genes(X, adata.var_names, str(path), var=adata.var, make_unique_suffixes=True)
 
 
 def _read_json(path: Path, what: str) -> dict:

@@ -11,7 +11,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from stgen.errors import InputError
+from stgen.data.common import DOWNSAMPLED_IMAGES
 from stgen.data.common import VISIUM_SPOT_DIAMETER_UM
+from stgen.data.common import downsampled_scale
+from stgen.data.common import warn_downsampled
 from stgen.data.common import VISIUM_SPOT_SPACING_UM
 from stgen.data.common import _GE
 from stgen.data.common import _assemble
@@ -219,6 +222,16 @@ def read_tissue_positions(spatial_dir: str | os.PathLike) -> pd.DataFrame:
     return out
 
 
+def downsampled_image(spatial_dir: Path) -> tuple[Path, str] | None:
+    """``(tissue_hires_image.png or, without it, tissue_lowres_image.png, its scale-factor field)`` of a Space
+    Ranger ``spatial/`` folder, or None when it has neither."""
+    for kind, field in DOWNSAMPLED_IMAGES:
+        p = Path(spatial_dir) / f"tissue_{kind}_image.png"
+        if p.is_file():
+            return p, field
+    return None
+
+
 def _outs_like(d: Path) -> bool:
     return (d / "spatial").is_dir() and (
         (d / "filtered_feature_bc_matrix.h5").is_file() or (d / "filtered_feature_bc_matrix").is_dir()
@@ -266,18 +279,23 @@ def read_spaceranger(
     mpp: float | None = None,
     section: str | None = None,
     require_image: bool = False,
+    downsampled: bool = True,
 ) -> ad.AnnData:
     """Read a 10x Visium Space Ranger ``outs/`` folder as one section.
 
     Parameters
     ----------
     outs_dir : the ``outs`` folder (a folder containing ``outs/`` is accepted too).
-    image : the full-resolution H&E image given to Space Ranger (None: an
-        expression-only section; ``image_path`` is None).
+    image : the full-resolution H&E image given to Space Ranger. None: with ``downsampled`` (default),
+        ``spatial/tissue_hires_image.png`` (else ``tissue_lowres_image.png``) at its scale factor
+        (``uns['stgen']['image_scale']`` = ``tissue_hires_scalef``), with a
+        :class:`~stgen.errors.LowResolutionImageWarning`: patches cover the same microns and are
+        upsampled; without either, an expression-only section (``image_path`` None).
     mpp : microns per full-resolution pixel; default ``55 / spot_diameter_fullres``
         from ``spatial/scalefactors_json.json``, else the image's embedded resolution.
     section : section name (default: the folder containing ``outs``).
-    require_image : raise if ``image`` is None.
+    require_image : raise if there is no image (neither ``image`` nor, with ``downsampled``, a hires/lowres PNG).
+    downsampled : use the hires/lowres PNG when ``image`` is None.
 
     Counts of the filtered matrix (Gene Expression features) are inner-joined
     with the ``in_tissue == 1`` rows of the positions table (count-matrix
@@ -300,12 +318,18 @@ def read_spaceranger(
         )
     outs = found
     section = section or _section_name(outs)
+    sf_path = outs / "spatial" / "scalefactors_json.json"
+    sf = _read_json(sf_path, "scale factors") if sf_path.is_file() else {}
+    scale = 1.0
+    if image is None and downsampled and (small := downsampled_image(outs / "spatial")) is not None:
+        image, field = small
+        scale = downsampled_scale(sf, field, f"{sf_path}{'' if sf_path.is_file() else ' (file not found)'}")
     img = _resolve_image(image, require_image, f"section {section!r}")
     counts, pos = _spaceranger_counts(outs)
 
-    sf_path = outs / "spatial" / "scalefactors_json.json"
-    sf = _read_json(sf_path, "scale factors") if sf_path.is_file() else {}
     image_wh, img_mpp, m, m_src = _image_and_mpp_override(img, mpp)  # the mpp argument wins
+    if scale != 1.0:
+        img_mpp = None  # a PNG has no scan resolution
     if m is None and _pos_float(sf.get("spot_diameter_fullres")):
         m = VISIUM_SPOT_DIAMETER_UM / _pos_float(sf["spot_diameter_fullres"])
         m_src = "scalefactors spot_diameter_fullres"
@@ -320,9 +344,11 @@ def read_spaceranger(
     array_xy = pos[["array_col", "array_row"]].to_numpy(np.int64)
     spots = pd.Index(counts.obs_names, dtype=object)
     where = str(_find(outs / "spatial", "tissue_positions.csv", "tissue_positions_list.csv"))
+    if scale != 1.0:
+        warn_downsampled(section, img.name, image_wh, scale, m)
     return _assemble(
         sp.csr_matrix(counts.X), spots, list(counts.var_names), array_xy, pixel_xy,
-        where=where, section=section, image=img, image_wh=image_wh,
+        where=where, section=section, image=img, image_wh=image_wh, image_scale=scale,
         mpp=m, mpp_source=m_src, grid="hex",
         spacing_um=VISIUM_SPOT_SPACING_UM, diameter_um=VISIUM_SPOT_DIAMETER_UM,
         source="spaceranger",
