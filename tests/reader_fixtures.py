@@ -199,6 +199,9 @@ def make_hest_sample(
     meta_embedded: float | None | str = SAME,
     tiff_mpp: float | None | str = SAME,
     coords: str = "obsm",
+    tiff_tag_factor: float = 1.0,
+    meta_nan: bool = False,
+    zero_pad_ids: bool = False,
 ) -> SimpleNamespace:
     """One HEST-1k sample under ``root``: ``st/<id>.h5ad``, ``metadata/<id>.json``, ``wsis/<id>.tif``.
 
@@ -208,10 +211,25 @@ def make_hest_sample(
     Gene Expression features (the duplicated symbol kept twice). The metadata
     JSON uses HEST-1k's field names; ``meta_*``/``tiff_mpp`` set (or, with None,
     drop) the pixel sizes.
+
+    HEST's quirks: ``tiff_tag_factor`` scales the mpp written to the TIFF resolution tags (0.1: HEST's
+    tags, 10x too small, HEST issue #106); ``meta_nan`` writes dropped pixel sizes as ``NaN`` JSON tokens
+    (and other empty fields as ``NaN`` / ``null`` / ``"nan"``, as HEST's metadata from its CSV table has
+    them) instead of leaving them out; ``zero_pad_ids`` pads legacy ST ids as HEST does (``"002x011"``);
+    ``technology="Xenium"`` writes HEST's 100 um square pseudo-spots (ids ``"<row:03d>x<col:03d>"``,
+    ``array_row`` = lattice row, no ``inter_spot_dist`` / ``spot_diameter``).
     """
     root = Path(root)
-    grid = "square" if technology == "Spatial Transcriptomics" else "hex"
-    truth = synthetic_section(n_spots, mpp, grid, seed)
+    xenium = technology == "Xenium"
+    grid = "square" if technology == "Spatial Transcriptomics" or xenium else "hex"
+    # Xenium pseudo-spots: the 200 um square lattice at twice the mpp is 100 um apart at ``mpp``
+    truth = synthetic_section(n_spots, 2 * mpp if xenium else mpp, grid, seed)
+    if xenium:
+        rows, cols = truth.array_col - 1, truth.array_row - 1
+        truth.barcodes = [f"{r:03d}x{c:03d}" for r, c in zip(rows, cols)]
+        truth.array_row, truth.array_col, truth.mpp = rows, cols, float(mpp)
+    elif zero_pad_ids and grid == "square":
+        truth.barcodes = [f"{int(x):03d}x{int(y):03d}" for x, y in (b.split("x") for b in truth.barcodes)]
     for d in ("st", "metadata", "wsis"):
         (root / d).mkdir(parents=True, exist_ok=True)
     idx = truth.order(filtered=False)
@@ -257,15 +275,24 @@ def make_hest_sample(
         "fullres_px_width": truth.width,
         "fullres_px_height": truth.height,
     }
-    if est is not None:
-        meta["pixel_size_um_estimated"] = est
-    if emb is not None:
-        meta["pixel_size_um_embedded"] = emb
+    if xenium:  # HEST's table has no spot spacing for Xenium
+        for k in ("inter_spot_dist", "spot_diameter"):
+            if meta_nan:
+                meta[k] = float("nan")
+            else:
+                del meta[k]
+    if est is not None or meta_nan:
+        meta["pixel_size_um_estimated"] = float("nan") if est is None else est
+    if emb is not None or meta_nan:
+        meta["pixel_size_um_embedded"] = float("nan") if emb is None else emb
+    if meta_nan:
+        meta.update(oncotree_code=float("nan"), patient=None, treatment_comment="nan", subseries=float("nan"))
     mpath = root / "metadata" / f"{sample_id}.json"
-    mpath.write_text(json.dumps(meta, indent=1))
+    mpath.write_text(json.dumps(meta, indent=1))  # NaN -> the bare NaN token, as json.dump writes it
     wpath = None
     if wsi:
-        wpath = write_image(root / "wsis" / f"{sample_id}.tif", truth, mpp if tiff_mpp == SAME else tiff_mpp)
+        tag = mpp if tiff_mpp == SAME else tiff_mpp
+        wpath = write_image(root / "wsis" / f"{sample_id}.tif", truth, None if tag is None else tag * tiff_tag_factor)
     return SimpleNamespace(root=root, st=st, metadata=mpath, wsi=wpath, truth=truth)
 
 

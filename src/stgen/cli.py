@@ -25,7 +25,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                        + " (hinge = HINGE, the flagship).")
 
 DataOpt = typer.Option(None, "--data", help="data folder: Her2ST (ST-cnts/, ST-spotfiles/, ST-imgs/), HEST-1k, Space Ranger "
-                       "samples or <section>.h5ad files (see --format); default: ../shared/data/her2st")
+                       "samples, <section>.h5ad files or SpatialData .zarr stores (see --format); default: ../shared/data/her2st")
 ConfigOpt = typer.Option(None, "--config", help="YAML file overriding defaults (see stgen.workflows.config)")
 CacheOpt = typer.Option(None, "--cache", help="feature/backbone cache folder (default $STGEN_CACHE or ./.stgen_cache)")
 QuietOpt = typer.Option(False, "--quiet", help="no progress bars")
@@ -71,7 +71,10 @@ def fit(test_section: str = typer.Option(..., "--test-section", help="held-out s
         quiet: bool = QuietOpt,
         data_format: Optional[str] = typer.Option(
             None, "--format", help="layout of --data: her2st | hest (HEST-1k) | visium (Space Ranger outs/ folders) | "
-            "h5ad (<section>.h5ad + image); default: detected"),
+            "h5ad (<section>.h5ad + image) | spatialdata (SpatialData .zarr stores); default: detected"),
+        technology: Optional[str] = typer.Option(
+            None, "--technology", help="HEST-1k: train on the samples of this st_technology: Visium | 'Spatial "
+            "Transcriptomics' (default: the larger group, with a warning naming what is left out)"),
         encoder: Optional[str] = typer.Option(
             None, "--encoder", help="patch encoder: efficientnet-lite0 | uni:PATH | conch:PATH | timm:ARCH:PATH | "
             "torchscript:PATH, several joined by + (features concatenated); overrides features.encoder"),
@@ -111,8 +114,13 @@ def fit(test_section: str = typer.Option(..., "--test-section", help="held-out s
         ndev: int | str = int(devices)
     except ValueError:
         ndev = devices  # auto, 0,1, or invalid (refused with a one-line error)
+    fit_data = _data(data)
+    if technology is not None:
+        from stgen.data.dataset import open_dataset
+
+        fit_data = _run(open_dataset, fit_data, format=data_format, technology=technology)
     try:
-        meta = _fit(_data(data), test_section, out, model=model, cfg=cfg, cache_dir=cache, progress=not quiet,
+        meta = _fit(fit_data, test_section, out, model=model, cfg=cfg, cache_dir=cache, progress=not quiet,
                     data_format=data_format, resume=resume, accelerator=accelerator, devices=ndev, strategy=strategy, num_nodes=num_nodes)
     except TrainingInterrupted as e:
         typer.echo(f"interrupted: {e}; continue with the same command and --resume", err=True)
@@ -133,16 +141,19 @@ def fit(test_section: str = typer.Option(..., "--test-section", help="held-out s
 
 @app.command()
 def predict(model: Path = typer.Option(..., "--model", help="RUN_DIR written by `stgen fit`"),
-            image: Path = typer.Option(..., "--image", help="H&E slide: JPEG/PNG, (pyramidal) TIFF/OME-TIFF, or "
-                                       "SVS/NDPI/MRXS with OpenSlide; read lazily. A folder or a .txt list of slides "
-                                       "predicts each bare slide into --out/<stem>.h5ad, skipping current outputs"),
+            image: Optional[Path] = typer.Option(
+                None, "--image", help="H&E slide: JPEG/PNG, (pyramidal) TIFF/OME-TIFF, or SVS/NDPI/MRXS with "
+                "OpenSlide; read lazily. A folder or a .txt list of slides predicts each bare slide into "
+                "--out/<stem>.h5ad, skipping current outputs. May be left out when --spots is an .h5ad holding its "
+                "image (scanpy/squidpy read_visium: the hires image is used, upsampled)"),
             spots: Optional[Path] = typer.Option(
                 None, "--spots", help="spot positions: Her2ST *_selection.tsv, CSV barcode,pixel_x,pixel_y, or .h5ad "
                 "with obsm['spatial'] (full-resolution px). Without it: bare slide - tissue is detected (Otsu) and "
                 "spots are laid on it at the training spot spacing (needs the slide's mpp or --mpp)"),
             out: Path = typer.Option(..., "--out", help="output .h5ad (scanpy/squidpy-ready: uns['spatial'])"),
             mpp: Optional[float] = typer.Option(None, "--mpp", help="microns per full-resolution pixel (overrides the "
-                                                "slide's metadata; needed for a bare JPEG)"),
+                                                "slide's metadata; needed for a bare JPEG; a HEST-1k wsis/<id>.tif "
+                                                "takes pixel_size_um_estimated from ../metadata/<id>.json)"),
             grid_origin: Optional[str] = typer.Option(None, "--grid-origin", help="bare slide: X,Y full-resolution px "
                                                       "of one grid spot (default: tissue's top-left corner)"),
             min_tissue: float = typer.Option(0.5, "--min-tissue", help="bare slide: keep a grid spot when this share "
@@ -151,6 +162,9 @@ def predict(model: Path = typer.Option(..., "--model", help="RUN_DIR written by 
                                                 "uncertainty over the slide thumbnail"),
             genes: Optional[str] = typer.Option(None, "--genes", help="comma-separated genes for --maps (default: "
                                                 "the 4 most variable predictions)"),
+            spatialdata: Optional[Path] = typer.Option(
+                None, "--spatialdata", help="also write the prediction as a SpatialData store OUT.zarr (slide image, "
+                "spot circles, table) for napari-spatialdata; needs stgen[spatialdata]"),
             shard: str = typer.Option("0/1", "--shard", help="several slides (--image FOLDER or LIST.txt): take slides "
                                       "K, K+N, ... of K/N, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT"),
             samples: Optional[int] = typer.Option(None, "--samples", help="samples averaged (default: the run's; HINGE 10, FLAG 10)"),
@@ -172,11 +186,13 @@ def predict(model: Path = typer.Option(..., "--model", help="RUN_DIR written by 
         except (ValueError, AssertionError):
             _run(_raise, f"--grid-origin must be X,Y in full-resolution pixels, got {grid_origin!r}")
     gene_list = [g.strip() for g in genes.split(",") if g.strip()] if genes else None
-    if image.is_dir() or image.suffix == ".txt":  # several slides -> --out is a folder of <stem>.h5ad
+    if image is not None and (image.is_dir() or image.suffix == ".txt"):  # several slides -> --out is a folder of <stem>.h5ad
         from stgen.workflows.predict import predict_slides
 
         if spots is not None:
             _run(_raise, "--spots predicts one slide: with a folder or list of slides, predict bare slides")
+        if spatialdata is not None:
+            _run(_raise, "--spatialdata writes one slide's store: predict a single --image")
         try:
             k, n = (int(v) for v in shard.split("/"))
         except ValueError:
@@ -195,10 +211,10 @@ def predict(model: Path = typer.Option(..., "--model", help="RUN_DIR written by 
         return
     a = _run(_predict, model, image, spots, out, samples=samples, steps=steps, cache_dir=cache, seed=seed,
              progress=not quiet, batch_size=batch_size, device=device, precision=precision, mpp=mpp,
-             grid_origin=origin, min_tissue=min_tissue, maps_dir=maps, genes=gene_list)
+             grid_origin=origin, min_tissue=min_tissue, maps_dir=maps, genes=gene_list, spatialdata_out=spatialdata)
     where = "grid spots on the detected tissue" if spots is None else "spots"
     typer.echo(f"predicted {a.n_obs} {where} x {a.n_vars} genes ({a.uns['stgen']['units']}) -> {out}"
-               + (f"; maps -> {maps}" if maps else ""))
+               + (f"; maps -> {maps}" if maps else "") + (f"; SpatialData -> {spatialdata}" if spatialdata else ""))
 
 
 @app.command()

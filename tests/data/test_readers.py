@@ -144,7 +144,7 @@ def test_hest_mpp_sources_and_override(tmp_path: Path) -> None:
         return m["mpp"], m["mpp_source"]
 
     assert mpp_of("a", meta_estimated=2.0, meta_embedded=2.2, tiff_mpp=1.9) == (2.0, "metadata pixel_size_um_estimated")
-    assert mpp_of("b", meta_estimated=None, meta_embedded=2.2, tiff_mpp=1.9) == (2.2, "metadata pixel_size_um_embedded")
+    assert mpp_of("b", meta_estimated=None, meta_embedded=2.2, tiff_mpp=None) == (2.2, "metadata pixel_size_um_embedded")
     m, src = mpp_of("c", meta_estimated=None, meta_embedded=None, tiff_mpp=1.9)
     assert m == pytest.approx(1.9) and src == "image resolution tags"
     make_hest_sample(tmp_path / "d", "S", meta_estimated=None, meta_embedded=None, tiff_mpp=None)

@@ -50,8 +50,13 @@ Data-set folders (:func:`open_dataset`) and their image conventions
   whose stem is ``image`` or ``<sample>``; if there is none, a file of
   ``outs/spatial/`` whose name contains ``fullres``. The downsampled
   ``tissue_hires_image.png`` / ``tissue_lowres_image.png`` are never used.
+* ``"visium_hd"``: Visium HD samples ``<root>/<sample>/outs/binned_outputs/square_NNNum/`` (``<root>`` may
+  be one sample); one bin size per data set (:class:`VisiumHdDataset` ``bin_um``, default 16 um); images
+  as ``"visium"``, else the hires PNG at its scale factor (:mod:`stgen.data.visium_hd`).
 * ``"h5ad"``: ``<root>/<section>.h5ad`` with the image ``<root>/<section>.<ext>``
   beside it (one of the suffixes above; several -> error).
+* ``"spatialdata"``: ``<root>/<section>.zarr`` SpatialData stores (``<root>`` may be one store); table,
+  spot circles and image inside each store (:mod:`stgen.data.spatialdata`; needs ``stgen[spatialdata]``).
 
 Every user-caused problem is raised as :class:`stgen.errors.InputError` naming
 the file and the problem.
@@ -68,21 +73,33 @@ from stgen.data.common import _check_grid
 from stgen.data.common import _counts_anndata
 from stgen.data.hest import _hest_counts
 from stgen.data.hest import _hest_paths
+from stgen.data.hest import HestSelection
 from stgen.data.common import _image_files
 from stgen.data.visium import _outs_dir
+from stgen.data.visium import downsampled_image
 from stgen.data.common import _pos_float
 from stgen.data.common import _read_json
 from stgen.data.visium import _section_name
 from stgen.data.visium import _spaceranger_counts
 from stgen.data.common import _spot_ids
 from stgen.data.common import read_anndata
+from stgen.data.h5ad import has_embedded_image
 from stgen.data.h5ad import read_h5ad_section
 from stgen.data.hest import read_hest_sample
 from stgen.data.visium import read_spaceranger
+from stgen.data.spatialdata import is_spatialdata_store
+from stgen.data.visium_hd import DEFAULT_BIN_UM
+from stgen.data.visium_hd import _check_bin_um
+from stgen.data.visium_hd import hd_bins_dir
+from stgen.data.visium_hd import hd_downsampled_image
+from stgen.data.visium_hd import hd_sample
+from stgen.data.visium_hd import is_hd_bin_folder
+from stgen.data.visium_hd import read_visium_hd
+from stgen.data.visium_hd import read_visium_hd_counts
 
 
 #: Data-set formats understood by :func:`open_dataset`.
-FORMATS = ("her2st", "hest", "visium", "h5ad")
+FORMATS = ("her2st", "hest", "visium", "visium_hd", "h5ad", "spatialdata")
 
 
 class Dataset:
@@ -115,6 +132,11 @@ class Dataset:
     def _read(self, section: str, require_image: bool) -> ad.AnnData:
         raise NotImplementedError
 
+    def has_image(self, section: str) -> bool:
+        """Whether ``section`` has an H&E image to cut patches from: :meth:`image`, or a downsampled one
+        (Space Ranger's hires PNG, an AnnData's ``uns['spatial']`` image) where the format has it."""
+        return self.image(section) is not None
+
     def _counts(self, section: str) -> ad.AnnData:
         raise NotImplementedError
 
@@ -123,7 +145,7 @@ class Dataset:
         """Sorted section names (only those with an image when ``imaged_only``)."""
         out = sorted(self._all_sections())
         if imaged_only:
-            out = [s for s in out if self.image(s) is not None]
+            out = [s for s in out if self.has_image(s)]
         return out
 
     def __contains__(self, section: object) -> bool:
@@ -215,9 +237,31 @@ class Her2stDataset(Dataset):
 
 
 class HestDataset(Dataset):
-    """HEST-1k folder: ``st/<id>.h5ad``, ``metadata/<id>.json``, ``wsis/<id>.tif``."""
+    """HEST-1k folder: ``st/<id>.h5ad``, ``metadata/<id>.json``, ``wsis/<id>.tif``.
+
+    :meth:`sections` lists the samples of one ``st_technology`` (:class:`stgen.data.hest.HestSelection`):
+    ``technology`` ('Visium' or 'Spatial Transcriptomics'), by default the larger of the two groups, with a
+    warning naming it and counting every sample left out (Xenium and Visium HD are never trained on).
+    :meth:`read` and :meth:`counts` take any sample of the folder by name.
+    """
 
     format = "hest"
+
+    def __init__(self, root: str | os.PathLike, mpp: float | None = None, grid: str | None = None,
+                 technology: str | None = None):
+        super().__init__(root, mpp=mpp, grid=grid)
+        self.selection = HestSelection(self.root, technology)
+
+    def sections(self, imaged_only: bool = False) -> list[str]:
+        """Sorted ids of the selected technology's samples (only those with a WSI when ``imaged_only``)."""
+        out = self.selection.select(self._all_sections())
+        return [s for s in out if self.has_image(s)] if imaged_only else out
+
+    def _check(self, section: str) -> None:
+        avail = self._all_sections()
+        if section not in avail:
+            raise InputError(f"unknown section {section!r} in {self.root} (hest: no st/{section}.h5ad); "
+                             f"available: {', '.join(avail)}")
 
     def _all_sections(self) -> list[str]:
         d = self.root / "st"
@@ -241,6 +285,7 @@ class HestDataset(Dataset):
         return read_hest_sample(self.root, section, mpp=self.mpp, require_image=require_image)
 
     def _counts(self, section: str) -> ad.AnnData:
+        self.selection.note_outside(section, self._all_sections())
         X, spots, genes = _hest_counts(self.root, section)
         return _counts_anndata(X, spots, genes, section)
 
@@ -287,13 +332,19 @@ class VisiumDataset(Dataset):
         full = [p for p in _image_files(outs / "spatial") if "fullres" in p.name.lower()]
         return full[0] if full else None
 
+    def has_image(self, section: str) -> bool:
+        """A full-resolution image (:meth:`image`) or ``outs/spatial/tissue_hires_image.png`` / ``_lowres_``."""
+        samples = self._samples()
+        return self.image(section) is not None or (
+            section in samples and downsampled_image(samples[section][1] / "spatial") is not None)
+
     def _read(self, section: str, require_image: bool) -> ad.AnnData:
         _, outs = self._samples()[section]
         img = self.image(section)
-        if require_image and img is None:
+        if require_image and not self.has_image(section):
             raise InputError(
                 f"section {section!r} has no H&E image (expected an image file in "
-                f"{self._samples()[section][0]})"
+                f"{self._samples()[section][0]}, or outs/spatial/tissue_hires_image.png)"
             )
         return read_spaceranger(outs, image=img, mpp=self.mpp, section=section)
 
@@ -302,6 +353,50 @@ class VisiumDataset(Dataset):
         counts, _ = _spaceranger_counts(outs)
         counts.obs["section"] = section
         return counts
+
+
+class VisiumHdDataset(VisiumDataset):
+    """Folder of Visium HD samples (``<root>/<sample>/outs/binned_outputs/square_NNNum/``; ``<root>`` may be one
+    sample, its ``outs`` or ``binned_outputs``), read at one bin size: ``bin_um`` (default 16 um; 8 with
+    ``VisiumHdDataset(root, bin_um=8)``), see :mod:`stgen.data.visium_hd`. Images as for ``"visium"``;
+    without a full-resolution one, the bin's (or ``outs/spatial/``) ``tissue_hires_image.png`` at its scale."""
+
+    format = "visium_hd"
+
+    def __init__(self, root: str | os.PathLike, mpp: float | None = None, grid: str | None = None,
+                 bin_um: int = DEFAULT_BIN_UM):
+        if grid not in (None, "square"):
+            raise InputError(f"{root}: Visium HD bins tile a square grid; grid={grid!r} is not supported")
+        super().__init__(root, mpp=mpp, grid="square")
+        self.bin_um = _check_bin_um(bin_um, str(root))
+
+    def _samples(self) -> dict[str, tuple[Path, Path]]:
+        """section -> (sample folder, outs folder)."""
+        if not self.root.is_dir():
+            raise InputError(f"{self.root}: folder not found")
+        own = hd_sample(self.root)
+        if own is not None:
+            return {_section_name(own[1]): own[:2]}
+        return {d.name: s[:2] for d in sorted(p for p in self.root.iterdir() if p.is_dir())
+                if (s := hd_sample(d)) is not None}
+
+    def has_image(self, section: str) -> bool:
+        """A full-resolution image (:meth:`image`) or the bin's / ``outs/spatial/`` hires (lowres) PNG."""
+        samples = self._samples()
+        if self.image(section) is not None:
+            return True
+        if section not in samples:
+            return False
+        outs = samples[section][1]
+        bins = hd_bins_dir(outs)
+        return hd_downsampled_image(outs, bins / f"square_{self.bin_um:03d}um" if bins else None) is not None
+
+    def _read(self, section: str, require_image: bool) -> ad.AnnData:
+        return read_visium_hd(self._samples()[section][1], bin_um=self.bin_um, image=self.image(section),
+                              mpp=self.mpp, section=section, require_image=require_image)
+
+    def _counts(self, section: str) -> ad.AnnData:
+        return read_visium_hd_counts(self._samples()[section][1], bin_um=self.bin_um, section=section)
 
 
 class H5adDataset(Dataset):
@@ -323,6 +418,10 @@ class H5adDataset(Dataset):
             )
         return imgs[0] if imgs else None
 
+    def has_image(self, section: str) -> bool:
+        """An image file beside the ``.h5ad`` (:meth:`image`) or one in its ``uns['spatial']`` (scanpy/squidpy)."""
+        return self.image(section) is not None or has_embedded_image(self.root / f"{section}.h5ad")
+
     def _read(self, section: str, require_image: bool) -> ad.AnnData:
         return read_h5ad_section(
             self.root / f"{section}.h5ad", image=self.image(section), mpp=self.mpp,
@@ -336,16 +435,58 @@ class H5adDataset(Dataset):
         return _counts_anndata(X, _spot_ids(a.obs_names, str(path)), genes, section)
 
 
+class SpatialDataDataset(Dataset):
+    """SpatialData Zarr stores ``<root>/<section>.zarr`` (or ``<root>`` itself a store), read by
+    :func:`stgen.data.spatialdata.read_spatialdata_section`; the store's image is written once to the cache."""
+
+    format = "spatialdata"
+
+    def _stores(self) -> dict[str, Path]:
+        if not self.root.is_dir():
+            raise InputError(f"{self.root}: folder not found")
+        if is_spatialdata_store(self.root):
+            return {self.root.name.removesuffix(".zarr"): self.root}
+        return {p.name.removesuffix(".zarr"): p for p in sorted(self.root.iterdir()) if is_spatialdata_store(p)}
+
+    def _all_sections(self) -> list[str]:
+        return list(self._stores())
+
+    def has_image(self, section: str) -> bool:
+        d = self._stores().get(section)
+        return d is not None and (d / "images").is_dir() and any(p.is_dir() for p in (d / "images").iterdir())
+
+    def image(self, section: str) -> Path | None:
+        """The store's image as the cached pyramidal TIFF (written on first use), or None."""
+        if not self.has_image(section):
+            return None
+        p = self.read(section).uns["stgen"]["image_path"]
+        return Path(p) if p else None
+
+    def _read(self, section: str, require_image: bool) -> ad.AnnData:
+        from stgen.data.spatialdata import read_spatialdata_section
+
+        return read_spatialdata_section(self._stores()[section], mpp=self.mpp, grid=self.grid, section=section,
+                                        require_image=require_image)
+
+    def _counts(self, section: str) -> ad.AnnData:
+        from stgen.data.spatialdata import spatialdata_counts
+
+        return _counts_anndata(*spatialdata_counts(self._stores()[section]), section)
+
+
 _DATASETS: dict[str, type[Dataset]] = {
     "her2st": Her2stDataset,
     "hest": HestDataset,
     "visium": VisiumDataset,
+    "visium_hd": VisiumHdDataset,
     "h5ad": H5adDataset,
+    "spatialdata": SpatialDataDataset,
 }
 
 _LOOKED_FOR = (
     "her2st: ST-cnts/; hest: st/*.h5ad + metadata/; visium: <sample>/outs/ (or outs-like "
-    "folders with spatial/ and filtered_feature_bc_matrix[.h5]); h5ad: *.h5ad files"
+    "folders with spatial/ and filtered_feature_bc_matrix[.h5]); visium_hd: <sample>/outs/binned_outputs/"
+    "square_NNNum/; h5ad: *.h5ad files; spatialdata: *.zarr SpatialData stores"
 )
 
 
@@ -356,10 +497,17 @@ def _matches(root: Path) -> list[str]:
     st = root / "st"
     if st.is_dir() and (root / "metadata").is_dir() and any(p.suffix == ".h5ad" for p in st.iterdir()):
         found.append("hest")
-    if _outs_dir(root) is not None or any(_outs_dir(d) is not None for d in root.iterdir() if d.is_dir()):
+    dirs = [d for d in root.iterdir() if d.is_dir()]
+    # a Visium HD bin folder (square_016um/) looks like an outs folder: it is visium_hd, never visium
+    if (_outs_dir(root) is not None and not is_hd_bin_folder(root)) or any(
+            _outs_dir(d) is not None and not is_hd_bin_folder(d) for d in dirs):
         found.append("visium")
+    if hd_sample(root) is not None or any(hd_sample(d) is not None for d in dirs):
+        found.append("visium_hd")
     if any(p.is_file() and p.suffix == ".h5ad" for p in root.iterdir()):
         found.append("h5ad")
+    if is_spatialdata_store(root) or any(is_spatialdata_store(d) for d in dirs):
+        found.append("spatialdata")
     return found
 
 
@@ -390,6 +538,7 @@ def open_dataset(
     format: str | None = None,
     mpp: float | None = None,
     grid: str | None = None,
+    technology: str | None = None,
 ) -> Dataset:
     """Open a data-set folder as a :class:`Dataset`.
 
@@ -399,6 +548,8 @@ def open_dataset(
     format : one of :data:`FORMATS`; auto-detected when None.
     mpp : microns-per-pixel override for every section (not for Her2ST).
     grid : spot grid for h5ad sections that do not record one ('hex' or 'square').
+    technology : HEST-1k only: the ``st_technology`` whose samples are used ('Visium' or 'Spatial
+        Transcriptomics'); default: the larger group, with a warning (see :class:`HestDataset`).
 
     Raises
     ------
@@ -419,6 +570,10 @@ def open_dataset(
         grid = _check_grid(grid, str(root))
     if mpp is not None and _pos_float(mpp) is None:
         raise InputError(f"mpp must be a positive number, got {mpp!r}")
+    if technology is not None:
+        if fmt != "hest":
+            raise InputError(f"technology={technology!r} selects HEST-1k samples; {root} is a {fmt} data set")
+        return HestDataset(root, mpp=mpp, grid=grid, technology=technology)
     return _DATASETS[fmt](root, mpp=mpp, grid=grid)
 
 

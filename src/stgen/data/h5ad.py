@@ -123,7 +123,7 @@ def has_embedded_image(path: str | os.PathLike) -> bool:
 # --------------------------------------------------------------------------- generic h5ad
 
 
-def _visium_scalefactors(a: ad.AnnData) -> dict | None:
+def visium_scalefactors(a: ad.AnnData) -> dict | None:
     spatial = a.uns.get("spatial")
     if not isinstance(spatial, dict):
         return None
@@ -204,7 +204,7 @@ def read_h5ad_section(
 
     X, genes = _anndata_counts(a, path)
 
-    sf = _visium_scalefactors(a)
+    sf = visium_scalefactors(a)
     if grid is not None:
         g = _check_grid(grid, str(path))
     elif meta.get("grid") is not None and not (isinstance(meta["grid"], str) and not meta["grid"].strip()):

@@ -8,7 +8,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 from stgen.data.her2st import read_counts
-from stgen.data.common import read_anndata
+from stgen.data.common import _anndata_counts, read_anndata
 from stgen.data.targets import transform_counts
 from stgen.errors import InputError
 from stgen.utils.io import write_json
@@ -22,15 +22,17 @@ def load_truth(path: str | Path, units: str) -> ad.AnnData:
     if not path.is_file():
         raise InputError(f"truth file {path} does not exist")
     truth = read_anndata(path, "truth file") if path.suffix == ".h5ad" else read_counts(path)
-    return truth_in_units(truth, units)
+    return truth_in_units(truth, units, str(path))
 
 
-def truth_in_units(counts: ad.AnnData, units: str) -> ad.AnnData:
+def truth_in_units(counts: ad.AnnData, units: str, where: str = "truth") -> ad.AnnData:
     """A raw-count AnnData (``layers['counts']`` when present, else ``.X``) as a truth in target ``units``
-    (e.g. log2(count+1)), spots and genes kept."""
-    raw = counts.layers["counts"] if "counts" in counts.layers else counts.X
+    (e.g. log2(count+1)), spots kept; genes resolved to symbols as the readers resolve them (scanpy's
+    ``var_names_make_unique`` suffixes summed back, Ensembl ids through a ``var`` symbol column:
+    :func:`stgen.data.genes.resolve_gene_names`). InputError naming ``where`` for counts that are not raw."""
+    raw, genes = _anndata_counts(counts, where)  # gene names resolved as the readers resolve them
     return ad.AnnData(X=transform_counts(raw, units), obs=pd.DataFrame(index=counts.obs_names),
-                      var=pd.DataFrame(index=counts.var_names))
+                      var=pd.DataFrame(index=pd.Index(genes)))
 
 
 @dataclass

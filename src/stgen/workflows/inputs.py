@@ -11,6 +11,7 @@ from stgen.data.her2st import read_spots
 from stgen.data.common import read_anndata, section_image
 from stgen.data.dataset import Dataset, as_dataset
 from stgen.errors import InputError
+from stgen.image.scaled import SlideRef
 from stgen.models.base import FeatureSettings
 
 
@@ -90,6 +91,34 @@ def _spots_from_file(spots: str | Path) -> pd.DataFrame:
     if xy.ndim != 2 or xy.shape[1] != 2 or not np.isfinite(xy).all():
         raise InputError(f"{spots}: obsm['spatial'] must be finite (N, 2) pixel coordinates, got {xy.shape}")
     return pd.DataFrame({"pixel_x": xy[:, 0], "pixel_y": xy[:, 1]}, index=pd.Index(names, name="spot"))
+
+
+def spots_image(spots: str | Path | None, cache_dir: Path | None) -> tuple[SlideRef, float | None]:
+    """The image of a ``--spots`` AnnData given without ``--image``: its ``uns['stgen']`` image, else the largest
+    image in ``uns['spatial'][library]['images']`` at its scale factor (scanpy/squidpy ``read_visium``; with a
+    :class:`~stgen.errors.LowResolutionImageWarning`), and microns per full-resolution pixel from the Visium
+    ``spot_diameter_fullres`` (or ``uns['stgen']['mpp']``) when known. InputError when there is none."""
+    from stgen.data.common import VISIUM_SPOT_DIAMETER_UM, _pos_float, warn_downsampled
+    from stgen.data.h5ad import visium_scalefactors, anndata_image
+
+    if spots is None or Path(spots).suffix != ".h5ad":
+        raise InputError("--image is needed (the H&E slide), unless --spots is an .h5ad that holds its image "
+                         "(uns['spatial'][library]['images'], as scanpy/squidpy read_visium writes it)")
+    a = read_anndata(spots, "spot file")
+    meta = a.uns.get("stgen") if isinstance(a.uns.get("stgen"), dict) else {}
+    sf = visium_scalefactors(a)
+    mpp = _pos_float(meta.get("mpp")) or (VISIUM_SPOT_DIAMETER_UM / _pos_float(sf["spot_diameter_fullres"])
+                                          if sf is not None else None)
+    own = section_image(a)
+    if own is not None and own.path.is_file():
+        return own, mpp
+    found = anndata_image(a, str(spots), cache_dir)
+    if found is None:
+        raise InputError(f"{spots}: no --image given and the AnnData holds no image (uns['stgen']['image_path'] or "
+                         "uns['spatial'][library]['images']); pass --image SLIDE")
+    ref, wh, name = found
+    warn_downsampled(Path(spots).stem, name, wh, ref.scale, mpp)
+    return ref, mpp
 
 
 def _slide_mpp(slide, image: str | Path, need: str) -> float:

@@ -12,19 +12,21 @@ import pandas as pd
 from stgen import __version__
 from stgen.data.common import GRIDS
 from stgen.errors import InputError
+from stgen.image.scaled import SlideRef
 from stgen.utils.io import atomic_path, sha256_file
 from stgen.models.registry import GENERATIVE
 from stgen.workflows.inputs import THUMBNAIL_PX
 from stgen.workflows.inputs import _check_folder
 from stgen.workflows.inputs import _slide_mpp
 from stgen.workflows.inputs import _spots_from_file
+from stgen.workflows.inputs import spots_image
 from stgen.workflows.paths import default_cache_dir
 from stgen.workflows.rundir import load_run
 
 
 def predict(
     run_dir: str | Path,
-    image: str | Path,
+    image: str | Path | SlideRef | None,
     spots: str | Path | None,
     out: str | Path,
     samples: int | None = None,
@@ -40,11 +42,14 @@ def predict(
     min_tissue: float = 0.5,
     maps_dir: str | Path | None = None,
     genes: Sequence[str] | None = None,
+    spatialdata_out: str | Path | None = None,
 ) -> ad.AnnData:
     """Predict the panel's expression at every spot of ``spots`` on ``image``, or on a bare slide.
 
     ``image`` is any slide :func:`stgen.image.slide.open_slide` reads (JPEG/PNG, pyramidal TIFF/OME-TIFF,
-    SVS/NDPI/MRXS with OpenSlide), read lazily. ``mpp`` (microns per full-resolution pixel) overrides
+    SVS/NDPI/MRXS with OpenSlide), read lazily, or a :class:`~stgen.image.scaled.SlideRef` to a downsampled
+    image; None when ``spots`` is an ``.h5ad`` holding its image (:func:`stgen.workflows.inputs.spots_image`:
+    scanpy/squidpy's hires image at its scale factor, patches upsampled). ``mpp`` (microns per full-resolution pixel) overrides
     the slide's metadata. When the slide's mpp is known, spot patches are ``patch_um / mpp`` pixels
     (``patch_um`` from the run's training images, ``run.json['spots']``), so a model applies at another
     scan resolution; otherwise they have the trained ``features.patch_px``.
@@ -63,21 +68,27 @@ def predict(
     which :func:`prediction_is_current` uses - and ``predict_s``, the wall time of this call up to
     writing). With ``maps_dir``, PNG maps of ``genes`` (default: the 4 most variable predictions) and
     of the uncertainty (mean sd over genes) over the thumbnail go there
-    (:func:`stgen.evaluation.plots.plot_slide_maps`).
+    (:func:`stgen.evaluation.plots.plot_slide_maps`). With ``spatialdata_out`` (``.zarr``) the prediction is
+    also written, after the ``.h5ad``, as a SpatialData store (slide image, spot circles, table) for
+    napari-spatialdata (:func:`stgen.workflows.spatialdata_out.write_spatialdata`).
 
     Raises
     ------
     InputError : unreadable/truncated image, no mpp where one is needed, spots outside the image or in
         the wrong coordinate scale, no tissue, genes not in the panel, and the run's own errors.
     """
-    from stgen.data.common import check_spot_scale
-    from stgen.image.slide import open_slide
+    from stgen.data.common import SPACING_RANGE_UM, check_spot_scale
+    from stgen.image.scaled import as_slide_ref, open_ref
     from stgen.data.tissue import detect_tissue, lay_spot_grid
 
     t_start = time.perf_counter()
     if not -(2**63) <= int(seed) < 2**63:
         raise InputError(f"--seed must be a 64-bit integer, got {seed}")
     _check_folder(maps_dir, "--maps")
+    if spatialdata_out is not None:
+        from stgen.workflows.spatialdata_out import check_spatialdata_out
+
+        check_spatialdata_out(spatialdata_out)
     run = load_run(run_dir)
     run.cache_dir = Path(cache_dir or default_cache_dir())
     # runs fitted before run.json had 'spots' were trained on Her2ST (legacy ST, square grid)
@@ -88,7 +99,15 @@ def predict(
         if missing:
             raise InputError(f"gene(s) {missing} are not in the run's panel of {len(run.panel)} genes "
                              f"(e.g. {run.panel[:5]})")
-    with open_slide(image, mpp=mpp) as slide:
+    if image is None:  # an AnnData's own image (scanpy/squidpy: uns['spatial'][library]['images']['hires'])
+        image, spots_mpp = spots_image(spots, run.cache_dir)
+        mpp = mpp or spots_mpp
+    image = as_slide_ref(image)
+    if mpp is None and image.scale == 1.0:  # HEST-1k wsis/<id>.tif: metadata/<id>.json's mpp, not its 10x-off tag
+        from stgen.data.hest import hest_slide_mpp
+
+        mpp = hest_slide_mpp(image.path)
+    with open_ref(image, mpp=mpp) as slide:
         w, h = slide.width, slide.height
         thumb, scale = slide.thumbnail(THUMBNAIL_PX)
         if spots is not None:
@@ -98,8 +117,9 @@ def predict(
             if outside.any():
                 raise InputError(f"{spots}: {int(outside.sum())} spot(s) lie outside the image {image} ({w} x {h} "
                                  f"px), e.g. {spots_df.index[outside][:3].tolist()}")
-            if slide.mpp is not None:
-                check_spot_scale(xy, slide.mpp, None, str(spots))
+            if slide.mpp is not None:  # spot arrays (40-500 um), or the bins of a run trained on finer ones
+                fine = layout.get("spacing_um") and layout["spacing_um"] < SPACING_RANGE_UM[0]
+                check_spot_scale(xy, slide.mpp, layout["spacing_um"] if fine else None, str(spots))
             grid = None
         else:
             slide_mpp = _slide_mpp(slide, image, "a bare-slide prediction (no --spots)")
@@ -119,7 +139,7 @@ def predict(
                             batch_size=batch_size, device=device, precision=precision, xy=xy, image=image)
     is_gen = run.meta["model"] in GENERATIVE
     hs = sampler_defaults(run.meta)
-    library_id = Path(image).stem
+    library_id = image.path.stem if image.scale == 1 else Path(spots).stem
     diameter_px = layout["diameter_um"] / slide_mpp if slide_mpp else float(patch_px)
     adata = ad.AnnData(
         X=mean.astype(np.float32),
@@ -144,6 +164,10 @@ def predict(
     }
     with atomic_path(out, suffix=".h5ad") as tmp:
         adata.write_h5ad(tmp)
+    if spatialdata_out is not None:
+        from stgen.workflows.spatialdata_out import write_spatialdata
+
+        write_spatialdata(adata, image, spatialdata_out)
     if maps_dir is not None:
         from stgen.evaluation.plots import plot_slide_maps
 
