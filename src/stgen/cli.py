@@ -47,20 +47,24 @@ def _data(data: Optional[Path]) -> Path:
 
 @app.command()
 def pretrain(data: Optional[Path] = DataOpt, config: Optional[Path] = ConfigOpt, cache: Optional[Path] = CacheOpt,
-             quiet: bool = QuietOpt) -> None:
-    """Pre-train (or find cached) the expression backbone by masked auto-encoding on the
+             quiet: bool = QuietOpt,
+             force: bool = typer.Option(False, "--force", help="pre-train again even when a cached or shipped "
+                                        "backbone of this corpus and config exists")) -> None:
+    """Pre-train (or find cached, or shipped with stgen) the expression backbone by masked auto-encoding on the
     expression-only sections (every Her2ST section without an image by default)."""
     from stgen.workflows.paths import default_cache_dir
     from stgen.backbones.pretrain import get_backbone
 
     cfg = _run(StgenConfig.load, config)
-    bb, meta = _run(get_backbone, _data(data), cfg, Path(cache or default_cache_dir()), progress=not quiet)
+    bb, meta = _run(get_backbone, _data(data), cfg, Path(cache or default_cache_dir()), progress=not quiet,
+                    force=force)
     typer.echo(f"backbone: {len(bb.genes)} genes, {bb.config}, corpus {len(meta['corpus'])} sections "
                f"({meta['n_spots']} spots), final masked-AE loss {meta.get('final_mae_loss')}")
 
 
 @app.command()
-def fit(test_section: str = typer.Option(..., "--test-section", help="held-out section, e.g. C2"),
+def fit(test_section: str = typer.Option(..., "--test-section", help="held-out section, e.g. C2; 'none' trains on "
+                                         "every imaged section (a model to ship or apply to new slides)"),
         out: Path = typer.Option(..., "--out", help="RUN_DIR to create"),
         model: str = typer.Option("hinge", "--model", help=" | ".join(MODELS)),
         backbone: Optional[str] = typer.Option(
@@ -120,7 +124,7 @@ def fit(test_section: str = typer.Option(..., "--test-section", help="held-out s
 
         fit_data = _run(open_dataset, fit_data, format=data_format, technology=technology)
     try:
-        meta = _fit(fit_data, test_section, out, model=model, cfg=cfg, cache_dir=cache, progress=not quiet,
+        meta = _fit(fit_data, None if test_section.lower() == "none" else test_section, out, model=model, cfg=cfg, cache_dir=cache, progress=not quiet,
                     data_format=data_format, resume=resume, accelerator=accelerator, devices=ndev, strategy=strategy, num_nodes=num_nodes)
     except TrainingInterrupted as e:
         typer.echo(f"interrupted: {e}; continue with the same command and --resume", err=True)
@@ -140,7 +144,8 @@ def fit(test_section: str = typer.Option(..., "--test-section", help="held-out s
 
 
 @app.command()
-def predict(model: Path = typer.Option(..., "--model", help="RUN_DIR written by `stgen fit`"),
+def predict(model: Path = typer.Option(..., "--model", help="RUN_DIR written by `stgen fit`, or a built-in model "
+                                      "(`stgen models`: her2st-hinge, her2st-stflow, her2st-ridge)"),
             image: Optional[Path] = typer.Option(
                 None, "--image", help="H&E slide: JPEG/PNG, (pyramidal) TIFF/OME-TIFF, or SVS/NDPI/MRXS with "
                 "OpenSlide; read lazily. A folder or a .txt list of slides predicts each bare slide into "
@@ -348,6 +353,23 @@ def convert_cellfm(ckpt: Path = typer.Argument(..., help="MindSpore CellFM check
                 dtype=None if dtype == "keep" else dtype)
     typer.echo(f"converted {ckpt} -> {path} (+ {path.with_suffix('.json').name}); use it with "
                f"`stgen fit --backbone cellfm:{path}`")
+
+
+@app.command()
+def models() -> None:
+    """List the built-in models shipped with stgen (use the name as `stgen predict --model NAME`): what each was
+    trained on, its panel size and its model's five-fold Her2ST benchmark numbers."""
+    from stgen.workflows.zoo import describe
+
+    rows = _run(describe)
+    if not rows:
+        typer.echo("this installation ships no built-in models (rebuild them: bash scripts/build_zoo.sh)")
+        return
+    for r in rows:
+        b = r.get("benchmark") or {}
+        nums = ", ".join(f"{k.upper().replace('PCC', 'PCC-')} {b[k]:.3f}" for k in ("pcc50", "gsc", "ssc") if k in b)
+        typer.echo(f"{r['name']}: {r['model']}, {r['panel_size']} genes, trained on {', '.join(r['sections'])} "
+                   f"({r['n_spots']} spots; {r['trained_on']}); weights {r['dtype']}; five-fold benchmark: {nums}")
 
 
 def _raise(msg: str) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 from stgen.backbones.config import PretrainConfig
 from stgen.errors import InputError
+from stgen.utils.zoo import zoo_backbone_dir
 import json
 import logging
 import time
@@ -107,9 +108,15 @@ def _pretrain_corpus(ds: Dataset, cfg: Any, evaluated: Sequence[str]) -> list[st
 
 
 def get_backbone(
-    data_dir: Path, cfg: Any, cache_dir: Path, evaluated: Sequence[str] = (), progress: bool = True
+    data_dir: Path, cfg: Any, cache_dir: Path, evaluated: Sequence[str] = (), progress: bool = True,
+    force: bool = False,
 ) -> tuple[ExpressionBackbone, dict]:
     """The pre-trained expression backbone for this corpus and config (cached).
+
+    Looked up, by the key of corpus, pre-training config and target transform: the cache
+    (``<cache_dir>/backbones/<key>``), then the backbone shipped in the package's zoo for the same key
+    (:func:`stgen.utils.zoo.zoo_backbone_dir`: the default Her2ST corpus and config, checked by SHA-256),
+    else pre-trained here and cached. ``force`` pre-trains again (and replaces the cached one).
 
     The corpus defaults to every Her2ST section that has no image (none of
     them is ever evaluated); ``evaluated`` sections are refused in it.
@@ -121,7 +128,12 @@ def get_backbone(
     key = sha256_json({"format": BACKBONE_FORMAT, "corpus": corpus, "pretrain": cfg.pretrain.__dict__,
                        "transform": cfg.data.transform})[:16]
     bdir = cache_dir / "backbones" / key
-    cached = _load_cached_backbone(bdir)
+    cached = None if force else _load_cached_backbone(bdir)
+    if cached is None and not force and (shipped := zoo_backbone_dir(key)) is not None:
+        cached = _load_cached_backbone(shipped)
+        if cached is not None:
+            log.info("using the pre-trained backbone shipped with stgen (%s); `stgen pretrain --force` re-trains it",
+                     shipped)
     if cached is not None:
         return cached
     t0 = time.time()

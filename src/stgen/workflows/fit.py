@@ -65,7 +65,7 @@ def _panel_backbone(data_dir: Path, cfg: StgenConfig, cache_dir: Path, evaluated
 
 def fit(
     data_dir: str | Path,
-    test_section: str,
+    test_section: str | None,
     out: str | Path,
     model: str = "hinge",
     cfg: StgenConfig | None = None,
@@ -79,6 +79,10 @@ def fit(
     num_nodes: int = 1,
 ) -> dict:
     """Train ``model`` on every imaged section except ``test_section``; write RUN_DIR ``out``.
+
+    ``test_section=None`` trains on every imaged section (``data.train_sections`` if set): a run to apply to
+    new slides, e.g. the package's model zoo (:mod:`stgen.workflows.zoo`); its ``run.json`` says
+    ``test_section: null``.
 
     ``data_dir`` is a data-set folder (Her2ST, HEST-1k, Space Ranger samples, ``<section>.h5ad`` files;
     ``data_format`` names it, else it is detected: :func:`stgen.data.dataset.open_dataset`) or a
@@ -146,7 +150,8 @@ def fit(
     if cls.needs_backbone:  # HINGE's frozen prior; FLAG's GFM embeddings are its gene-token rows
         t0 = time.time()
         context.backbone, panel, context.backbone_meta = _panel_backbone(data_dir, cfg, cache_dir,
-                                                                         [test_section, *train], panel, progress)
+                                                                         [s for s in (test_section, *train) if s],
+                                                                         panel, progress)
         timings["backbone_s"] = round(time.time() - t0, 1)
     if not panel:
         raise InputError("the gene panel is empty after intersecting with the backbone vocabulary")

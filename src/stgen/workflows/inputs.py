@@ -46,9 +46,15 @@ def feature_settings(cfg: StgenConfig, cache_dir: str | Path | None, progress: b
 
 
 # ------------------------------------------------------------------ fit
-def _training_data(data_dir: Path | Dataset, test_section: str, cfg: StgenConfig) -> tuple[dict, list[str]]:
+def _training_data(data_dir: Path | Dataset, test_section: str | None, cfg: StgenConfig) -> tuple[dict, list[str]]:
     ds = as_dataset(data_dir)
     imaged = ds.sections(imaged_only=True)
+    if test_section is None:  # nothing held out: every imaged section (or data.train_sections) trains
+        train = cfg.data.train_sections or imaged
+        bad = [s for s in train if s not in imaged]
+        if bad or not train:
+            raise InputError(f"training section(s) {bad} have no image in {ds.root}; available: {imaged}")
+        return {s: ds.read(s, require_image=True) for s in train}, imaged
     if test_section not in imaged:
         raise InputError(f"unknown test section {test_section!r} in {ds.root}; sections with images: {imaged}")
     train = cfg.data.train_sections or [s for s in imaged if s != test_section]

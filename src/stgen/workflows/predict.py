@@ -12,6 +12,7 @@ import pandas as pd
 from stgen import __version__
 from stgen.data.common import GRIDS
 from stgen.errors import InputError
+from stgen.utils.zoo import looks_like_zoo_name, zoo_run_dir
 from stgen.image.scaled import SlideRef
 from stgen.utils.io import atomic_path, sha256_file
 from stgen.models.registry import GENERATIVE
@@ -90,6 +91,7 @@ def predict(
 
         check_spatialdata_out(spatialdata_out)
     run = load_run(run_dir)
+    run_dir = run.run_dir  # a built-in model's name -> its folder in the package
     run.cache_dir = Path(cache_dir or default_cache_dir())
     # runs fitted before run.json had 'spots' were trained on Her2ST (legacy ST, square grid)
     layout = run.meta.get("spots") or {"grid": "square", "spacing_um": GRIDS["square"][0],
@@ -257,6 +259,8 @@ def prediction_is_current(pred_path: str | Path, run_dir: str | Path, seed: int 
     with the run's default steps/samples and sampling seed ``seed`` (its ``uns['stgen']['run_sha256']``
     matches ``run.json``), and, when ``image`` is given, from that image."""
     pred_path, meta_path = Path(pred_path), Path(run_dir) / "run.json"
+    if not meta_path.is_file() and looks_like_zoo_name(run_dir):
+        meta_path = zoo_run_dir(str(run_dir)) / "run.json"
     if not (pred_path.is_file() and meta_path.is_file()):
         return False
     try:

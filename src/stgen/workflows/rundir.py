@@ -13,6 +13,7 @@ import yaml
 
 from stgen import __version__
 from stgen.errors import InputError
+from stgen.utils.zoo import looks_like_zoo_name, zoo_run_dir
 from stgen.image.scaled import SlideRef, as_slide_ref
 from stgen.models.base import FeatureSettings, SectionInput, SpotModel
 from stgen.models.registry import MODELS, spot_model
@@ -244,10 +245,13 @@ class TrainedRun:
 
 
 def load_run(run_dir: str | Path) -> TrainedRun:
-    """Load a RUN_DIR written by :func:`stgen.workflows.fit.fit` (safetensors / npz only, no pickle).
+    """Load a RUN_DIR written by :func:`stgen.workflows.fit.fit` (safetensors / npz only, no pickle), or a
+    built-in model of the package's zoo by name (``her2st-hinge``; :mod:`stgen.utils.zoo`).
 
     InputError when ``run_dir`` has no ``run.json``, names an unknown model, or its weights do not load."""
     run_dir = Path(run_dir)
+    if not (run_dir / "run.json").is_file() and looks_like_zoo_name(run_dir):
+        run_dir = zoo_run_dir(str(run_dir))  # a built-in model (`stgen models`), checked by SHA-256
     if not (run_dir / "run.json").is_file():
         raise InputError(f"{run_dir} is not a stgen run directory (no run.json); create one with `stgen fit`")
     meta = yaml.safe_load((run_dir / "run.json").read_text())
