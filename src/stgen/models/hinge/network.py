@@ -180,11 +180,11 @@ class HINGE(nn.Module):
                 first[s : s + f.shape[0]] = self(torch.zeros(f.shape[0], g, device=device),
                                                  torch.zeros(f.shape[0], g, dtype=torch.bool, device=device),
                                                  t_first, f).float()
-        rows = feats.repeat(n_samples, 1)  # sample-major: (n_samples * N, F)
-        out = torch.empty(rows.shape[0], len(self.panel), device=device)
-        for s in tqdm(range(0, rows.shape[0], batch_size), desc=f"sampling {n_samples}x{n} spots, K={steps}",
+        n_rows = n_samples * n  # sample-major rows: row r is spot r % n (features gathered per batch, not copied)
+        out = torch.empty(n_rows, len(self.panel), device=device)
+        for s in tqdm(range(0, n_rows, batch_size), desc=f"sampling {n_samples}x{n} spots, K={steps}",
                       disable=not progress, unit="batch"):
-            f = rows[s : s + batch_size]
+            f = feats[torch.arange(s, min(s + batch_size, n_rows), device=device) % n]
 
             def denoise(x, vis, t, f=f):
                 return self(x, vis, torch.full((x.shape[0],), t, dtype=torch.long, device=device), f).float()
