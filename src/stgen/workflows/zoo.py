@@ -123,6 +123,7 @@ def export_run(run_dir: Path, name: str, data_dir: Path, cache_dir: Path, zoo_di
         with atomic_dir(zoo_dir / name) as out:
             for f in ("run.json", "config.yaml", *(w.name for w in weights)):
                 shutil.copy2(src / f, out / f)
+    _readable(zoo_dir / name)
     files = {f: sha256_file(zoo_dir / name / f) for f in sorted(p.name for p in (zoo_dir / name).iterdir())}
     return {"model": meta["model"], "dir": name, "files": files, "dtype": dtype, "fp16_max_change": change,
             "trained_on": "Her2ST (Andersson et al. 2021), all five imaged sections; HMHVG panel of the five",
@@ -132,12 +133,20 @@ def export_run(run_dir: Path, name: str, data_dir: Path, cache_dir: Path, zoo_di
                           **BENCHMARK.get(meta["model"], {})}}
 
 
+def _readable(d: Path) -> None:
+    """Package data is read by every user: folder 0755, files 0644 (temporary folders are created 0700)."""
+    d.chmod(0o755)
+    for f in d.iterdir():
+        f.chmod(0o644)
+
+
 def export_backbone(bdir: Path, zoo_dir: Path = ZOO_DIR) -> dict:
     """Copy a cached backbone folder (``backbone.json`` + ``backbone.safetensors``) into ``zoo_dir/backbone``
     as it is (float32: every HINGE fit trains on it, so it is not rounded); returns its manifest entry."""
     with atomic_dir(zoo_dir / "backbone") as out:
         for f in ("backbone.json", "backbone.safetensors"):
             shutil.copy2(bdir / f, out / f)
+    _readable(zoo_dir / "backbone")
     files = {f: sha256_file(zoo_dir / "backbone" / f) for f in ("backbone.json", "backbone.safetensors")}
     meta = json.loads((bdir / "backbone.json").read_text())
     return {"dir": "backbone", "files": files, "corpus": meta["corpus"], "n_genes": len(meta["genes"]),
