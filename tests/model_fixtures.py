@@ -142,3 +142,19 @@ def synthetic_her2st(root, genes, rng):
             d = root / "ST-imgs" / sec[0] / sec
             d.mkdir(parents=True)
             Image.fromarray(rng.integers(0, 255, size=(140, 160, 3), dtype=np.uint8)).save(d / "he.jpg")
+
+
+def hest_ridge_run(tmp: Path, n_sections: int = 3, test_section: str | None = None, n_top: int = 50):
+    """A synthetic HEST folder ``tmp/hest`` of ``n_sections`` Visium samples S0.. (40 spots each) and a ridge run
+    ``tmp/run`` fitted on its rgb-stats features (patch 110 um), holding out ``test_section`` (None: none).
+    Returns ``(hest, run, cache)``."""
+    from reader_fixtures import make_hest_sample
+    from stgen.workflows.config import StgenConfig
+    from stgen.workflows.fit import fit
+
+    hest = tmp / "hest"
+    for i in range(n_sections):
+        make_hest_sample(hest, f"S{i}", n_spots=40, seed=i)
+    cfg = StgenConfig.from_dict({"features": {"encoder": "rgb-stats", "patch_um": 110.0}, "data": {"n_top": n_top}})
+    fit(hest, test_section, tmp / "run", model="ridge", cfg=cfg, cache_dir=tmp / "cache", progress=False)
+    return hest, tmp / "run", tmp / "cache"

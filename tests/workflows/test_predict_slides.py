@@ -7,10 +7,8 @@ import shutil
 import anndata as ad
 from typer.testing import CliRunner
 
-from reader_fixtures import make_hest_sample
+from model_fixtures import hest_ridge_run
 from stgen.cli import app
-from stgen.workflows.config import StgenConfig
-from stgen.workflows.fit import fit
 
 
 def _invoke(*args):
@@ -18,12 +16,7 @@ def _invoke(*args):
 
 
 def test_folder_of_slides_sharded_resumable_and_one_bad_slide(tmp_path, one_thread):
-    hest = tmp_path / "hest"
-    for i in range(3):
-        make_hest_sample(hest, f"S{i}", n_spots=40, seed=i)
-    cfg = StgenConfig.from_dict({"features": {"encoder": "rgb-stats", "patch_um": 110.0}, "data": {"n_top": 50}})
-    run = tmp_path / "run"
-    fit(hest, "S2", run, model="ridge", cfg=cfg, cache_dir=tmp_path / "cache", progress=False)
+    hest, run, _ = hest_ridge_run(tmp_path, test_section="S2")
     slides = tmp_path / "slides"
     slides.mkdir()
     for i in range(3):

@@ -9,10 +9,8 @@ from pathlib import Path
 
 import anndata as ad
 import pytest
-from reader_fixtures import make_hest_sample
+from model_fixtures import hest_ridge_run
 
-from stgen.workflows.config import StgenConfig
-from stgen.workflows.fit import fit
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,13 +25,7 @@ def _module():
 @pytest.fixture
 def tiny_ridge(tmp_path, one_thread):
     """A Visium (100 um hex grid) ridge run on rgb-stats features of a synthetic HEST folder."""
-    hest = tmp_path / "hest"
-    for i in range(2):
-        make_hest_sample(hest, f"S{i}", n_spots=40, seed=i)
-    cfg = StgenConfig.from_dict({"features": {"encoder": "rgb-stats", "patch_um": 110.0}, "data": {"n_top": 30}})
-    run = tmp_path / "run"
-    fit(hest, None, run, model="ridge", cfg=cfg, cache_dir=tmp_path / "cache", progress=False)
-    return run
+    return hest_ridge_run(tmp_path, n_sections=2, n_top=30)[1]
 
 
 def test_whole_slide_benchmark_stages_and_h5ad(tiny_ridge, tmp_path, capsys, monkeypatch):

@@ -9,6 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from model_fixtures import hest_ridge_run
 from reader_fixtures import make_hest_sample
 from stgen.cli import app
 from stgen.errors import InputError
@@ -27,12 +28,8 @@ def tiny_zoo(tmp_path, monkeypatch, one_thread):
     """A ridge run fitted on every section of a synthetic HEST folder, exported into a zoo in tmp_path."""
     from stgen.workflows.zoo import export_run
 
-    hest = tmp_path / "hest"
-    for i in range(3):
-        make_hest_sample(hest, f"S{i}", n_spots=40, seed=i)
-    cfg = StgenConfig.from_dict({"features": {"encoder": "rgb-stats", "patch_um": 110.0}, "data": {"n_top": 50}})
-    run = tmp_path / "run"
-    meta = fit(hest, None, run, model="ridge", cfg=cfg, cache_dir=tmp_path / "cache", progress=False)
+    hest, run, _ = hest_ridge_run(tmp_path)
+    meta = json.loads((run / "run.json").read_text())
     assert meta["test_section"] is None and meta["train_sections"] == ["S0", "S1", "S2"]
     zdir = tmp_path / "zoo"
     entry = export_run(run, "tiny-ridge", hest, tmp_path / "cache", zdir)
