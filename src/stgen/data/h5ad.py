@@ -104,6 +104,18 @@ def anndata_image(a: ad.AnnData, where: str, cache_dir: str | os.PathLike | None
     return SlideRef(path, scale), (rgb.shape[1], rgb.shape[0]), f"uns['spatial'][{lib_id!r}]['images'][{name!r}]"
 
 
+def anndata_mpp(a: ad.AnnData) -> tuple[float | None, str | None]:
+    """Microns per full-resolution pixel recorded in an AnnData and where from: ``uns['stgen']['mpp']``, else
+    ``55 / spot_diameter_fullres`` of Visium scale factors in ``uns['spatial']``; ``(None, None)`` without."""
+    meta = a.uns.get("stgen") if isinstance(a.uns.get("stgen"), dict) else {}
+    if _pos_float(meta.get("mpp")):
+        return _pos_float(meta["mpp"]), "uns['stgen']['mpp']"
+    sf = visium_scalefactors(a)
+    if sf is not None:
+        return VISIUM_SPOT_DIAMETER_UM / _pos_float(sf["spot_diameter_fullres"]), "uns['spatial'] spot_diameter_fullres"
+    return None, None
+
+
 def has_embedded_image(path: str | os.PathLike) -> bool:
     """Whether an ``.h5ad`` file holds an image array under ``uns/spatial/<library>/images`` (read with h5py,
     without loading the AnnData)."""
@@ -223,14 +235,11 @@ def read_h5ad_section(
     scale = embedded[0].scale if embedded is not None else 1.0
     if embedded is not None:
         img_mpp = None  # a PNG has no scan resolution
-    if m is None and _pos_float(meta.get("mpp")):
-        m, m_src = _pos_float(meta["mpp"]), "uns['stgen']['mpp']"
-    elif m is None and sf is not None:
-        m = VISIUM_SPOT_DIAMETER_UM / _pos_float(sf["spot_diameter_fullres"])
-        m_src = "uns['spatial'] spot_diameter_fullres"
-    elif m is None and img_mpp is not None:
+    if m is None:
+        m, m_src = anndata_mpp(a)
+    if m is None and img_mpp is not None:
         m, m_src = img_mpp, "image resolution tags"
-    elif m is None:
+    if m is None:
         raise InputError(
             f"{path}: no microns-per-pixel (no uns['stgen']['mpp'], no Visium scalefactors"
             f"{', no resolution in ' + img.name if img is not None else ', no image'}); pass mpp="

@@ -104,17 +104,14 @@ def spots_image(spots: str | Path | None, cache_dir: Path | None) -> tuple[Slide
     image in ``uns['spatial'][library]['images']`` at its scale factor (scanpy/squidpy ``read_visium``; with a
     :class:`~stgen.errors.LowResolutionImageWarning`), and microns per full-resolution pixel from the Visium
     ``spot_diameter_fullres`` (or ``uns['stgen']['mpp']``) when known. InputError when there is none."""
-    from stgen.data.common import VISIUM_SPOT_DIAMETER_UM, _pos_float, warn_downsampled
-    from stgen.data.h5ad import visium_scalefactors, anndata_image
+    from stgen.data.common import warn_downsampled
+    from stgen.data.h5ad import anndata_image, anndata_mpp
 
     if spots is None or Path(spots).suffix != ".h5ad":
         raise InputError("--image is needed (the H&E slide), unless --spots is an .h5ad that holds its image "
                          "(uns['spatial'][library]['images'], as scanpy/squidpy read_visium writes it)")
     a = read_anndata(spots, "spot file")
-    meta = a.uns.get("stgen") if isinstance(a.uns.get("stgen"), dict) else {}
-    sf = visium_scalefactors(a)
-    mpp = _pos_float(meta.get("mpp")) or (VISIUM_SPOT_DIAMETER_UM / _pos_float(sf["spot_diameter_fullres"])
-                                          if sf is not None else None)
+    mpp = anndata_mpp(a)[0]
     own = section_image(a)
     if own is not None and own.path.is_file():
         return own, mpp
