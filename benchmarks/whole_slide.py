@@ -324,6 +324,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):  # each table row as it is measured, also when stdout is a file
+        sys.stdout.reconfigure(line_buffering=True)
     if args.scaling:
         return _scaling(args, argv if argv is not None else sys.argv[1:])
     if args.spots < 1 or not args.mpp > 0:
