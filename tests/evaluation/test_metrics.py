@@ -8,7 +8,8 @@ import pytest
 
 from stgen.errors import InputError
 from stgen.evaluation.metrics import (
-    align_prediction_to_truth, evaluate, gene_gene_corr_agreement, nanmean_metrics, pcc_top_k,
+    Z90, align_prediction_to_truth, evaluate, gene_gene_corr_agreement, interval_coverage, nanmean_metrics,
+    pcc_top_k,
     relative_variance_distance,
 )
 from stgen.evaluation.spatial import gene_ssim, morans_i, spatial_knn_graph, spatial_structural_correlation
@@ -350,7 +351,9 @@ def test_evaluate_with_coords_and_rvd():
         assert np.isfinite(out[key]), key
     assert out["ssc"] == pytest.approx(spatial_structural_correlation(p, t, c))
     assert out["ssim"] == pytest.approx(float(np.mean(gene_ssim(p, t, c))))
-    assert {k: out[k] for k in plain if k != "per_gene_r"} == {k: plain[k] for k in plain if k != "per_gene_r"}
+    same = [k for k in plain if k != "per_gene_r"]
+    np.testing.assert_equal([out[k] for k in same], [plain[k] for k in same])  # NaN == NaN here
+    assert np.isnan(plain["coverage_90"]) and np.isnan(plain["width_90"])  # no sd: no interval
     json.dumps(out)
     with pytest.raises(InputError, match="spot centres"):
         evaluate(p, t, genes, coords=c[:-1])
@@ -381,3 +384,23 @@ def test_evaluate_records_with_nan_average_cleanly():
     out = nanmean_metrics(recs, ["pcc50", "gsc", "ssc", "ssim", "rvd"])
     assert out["ssc"]["n_finite"] == 1 and out["ssc"]["mean"] == pytest.approx(1.0)
     assert all(v["mean"] is not None and np.isfinite(v["mean"]) for v in out.values())
+
+
+def test_interval_coverage_is_calibrated_for_the_true_sd_and_flags_bad_sds():
+    rng = np.random.default_rng(0)
+    pred = rng.uniform(1, 3, size=(4000, 5))
+    sd = rng.uniform(0.2, 1.0, size=pred.shape)
+    true = pred + sd * rng.standard_normal(pred.shape)
+    cal = interval_coverage(pred, sd, true)
+    assert cal["coverage_90"] == pytest.approx(0.90, abs=0.01)
+    assert cal["width_90"] == pytest.approx(2 * Z90 * sd.mean())
+    assert interval_coverage(pred, 0.5 * sd, true)["coverage_90"] < 0.65  # over-confident sd under-covers
+    assert interval_coverage(pred, 3 * sd, true)["coverage_90"] > 0.99
+    assert np.isnan(interval_coverage(pred, np.zeros_like(sd), true)["coverage_90"])
+    assert np.isnan(interval_coverage(pred, None, true)["width_90"])
+    with pytest.raises(InputError, match="sd"):
+        interval_coverage(pred, sd[:-1], true)
+    with pytest.raises(InputError, match="sd"):
+        interval_coverage(pred, -sd, true)
+    out = evaluate(pred, true, [f"g{j}" for j in range(5)], sd=sd)
+    assert out["coverage_90"] == pytest.approx(cal["coverage_90"])

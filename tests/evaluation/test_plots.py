@@ -55,3 +55,19 @@ def test_metric_bars(tmp_path):
     assert _is_png(out)
     with pytest.raises(InputError, match="mse"):
         plot_metric_bars(df, "mse", tmp_path / "bad.png")
+
+
+def test_uncertainty_maps_draws_and_names_bad_input(tmp_path):
+
+    from stgen.evaluation.plots import plot_uncertainty_maps
+
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 1000, size=(40, 2))
+    t = rng.uniform(0, 4, size=(40, 3))
+    sd = rng.uniform(0.1, 1, size=(40, 3))
+    plot_uncertainty_maps(xy, t, t + 0.1, sd, ["g0", "g2", "nope"], ["g0", "g1", "g2"], tmp_path / "u.png")
+    assert (tmp_path / "u.png").stat().st_size > 1000
+    with pytest.raises(InputError, match="sd"):
+        plot_uncertainty_maps(xy, t, t, sd[:-1], ["g0"], ["g0", "g1", "g2"], tmp_path / "v.png")
+    with pytest.raises(InputError, match="none of the requested genes"):
+        plot_uncertainty_maps(xy, t, t, sd, ["x"], ["g0", "g1", "g2"], tmp_path / "w.png")

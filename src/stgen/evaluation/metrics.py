@@ -11,6 +11,11 @@ spatial structural correlation (SSC, built on global Moran's I over a
 symmetric spatial kNN graph) and HINGE's gene-wise SSIM of rasterised 2-D
 expression maps. scanpy and scikit-image are imported lazily, only by the
 functions that need them.
+
+Calibration (issue 15): :func:`interval_coverage` scores a predictive sd
+(``layers['std']``) as the share of true values inside the central 90%
+Gaussian interval (``coverage_90``) and the interval's mean width
+(``width_90``), the empirical coverage of Gneiting & Raftery (2007, JASA).
 """
 
 from __future__ import annotations
@@ -141,12 +146,52 @@ def relative_variance_distance(pred: Any, true: Any) -> float:
     return float(np.mean((vp[keep] - vt[keep]) ** 2 / vt[keep] ** 2))
 
 
+#: z of the central 90% Gaussian interval, Phi^-1(0.95)
+Z90 = 1.6448536269514722
+
+
+def interval_coverage(pred: np.ndarray, sd: np.ndarray | None, true: np.ndarray) -> dict[str, float]:
+    """Calibration of a predictive sd: ``coverage_90`` and ``width_90``.
+
+    Parameters
+    ----------
+    pred, sd, true : array_like, shape (N, G)
+        Predicted mean, predictive sd (>= 0) and truth, in the same units (e.g. log2(count + 1)).
+
+    Returns
+    -------
+    dict
+        ``coverage_90``: the share of the N*G true values inside ``pred +- Z90 * sd`` (a calibrated sd gives
+        about 0.90); ``width_90``: the mean interval width ``2 * Z90 * sd``. Both NaN when ``sd`` is None or
+        zero everywhere (a deterministic model has no interval).
+
+    Raises
+    ------
+    InputError
+        If the shapes differ or ``sd`` has negative or non-finite values.
+    """
+    nan = {"coverage_90": float("nan"), "width_90": float("nan")}
+    if sd is None:
+        return nan
+    p, t = _check_pair(pred, true)
+    s = _as_2d_float(sd, "sd")
+    if s.shape != p.shape:
+        raise InputError(f"sd: shape {s.shape} differs from the prediction's {p.shape}")
+    if not np.all(np.isfinite(s)) or np.any(s < 0):
+        raise InputError("sd: predictive sd must be finite and >= 0")
+    if not np.any(s > 0):
+        return nan
+    inside = np.abs(t - p) <= Z90 * s
+    return {"coverage_90": float(inside.mean()), "width_90": float(2.0 * Z90 * s.mean())}
+
+
 def evaluate(
     pred: np.ndarray,
     true: np.ndarray,
     genes: Sequence[str],
     coords: np.ndarray | None = None,
     k: int = 8,
+    sd: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """All evaluation metrics for one section.
 
@@ -161,6 +206,9 @@ def evaluate(
         metrics ``ssc`` and ``ssim``.
     k : int, default 8
         Neighbours of the spatial graph used by ``ssc``.
+    sd : array_like, shape (N, G), optional
+        Predictive sd of ``pred``: adds ``coverage_90`` and ``width_90``
+        (:func:`interval_coverage`; NaN without it or when it is all zero).
 
     Returns
     -------
@@ -201,6 +249,7 @@ def evaluate(
         "n_spots": int(p.shape[0]),
         "n_genes": int(p.shape[1]),
         "per_gene_r": {g: (None if not np.isfinite(v) else float(v)) for g, v in zip(genes, r)},
+        **interval_coverage(p, sd, t),
     }
     if coords is not None:
         c = _coords(coords, p.shape[0])
@@ -216,6 +265,7 @@ def evaluate_section(
     coords: np.ndarray | None = None,
     k: int = 8,
     label: str = "section",
+    sd: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """:func:`evaluate` that never fails on the size of a section.
 
@@ -233,11 +283,11 @@ def evaluate_section(
     """
     p, t = _check_pair(pred, true)
     if coords is None or p.shape[0] >= int(k) + 1:
-        return evaluate(p, t, genes, coords=coords, k=k)
+        return evaluate(p, t, genes, coords=coords, k=k, sd=sd)
     c = _coords(coords, p.shape[0])
     log.warning("%s: %d spots are too few for a spatial %d-NN graph (need %d): SSC is NaN",
                 label, p.shape[0], int(k), int(k) + 1)
-    out = evaluate(p, t, genes)
+    out = evaluate(p, t, genes, sd=sd)
     out["ssc"] = float("nan")
     out["ssim"] = _finite_mean(gene_ssim(p, t, c))
     return out
@@ -334,6 +384,16 @@ def align_prediction_to_truth(pred_adata: Any, truth_adata: Any) -> tuple[np.nda
     p = _as_2d_float(pred_adata.X[pi], "pred_adata.X")
     t = _as_2d_float(truth_adata.X[ti][:, gi], "truth_adata.X")
     return p, t, genes, spots
+
+
+def prediction_sd(pred_adata: Any, spots: Sequence[str]) -> np.ndarray | None:
+    """The predictive sd (S, G) of ``spots`` from a prediction's ``layers['std']`` (None without that layer);
+    rows follow ``spots`` (ids of the prediction, e.g. from :func:`align_prediction_to_truth`)."""
+    layers = getattr(pred_adata, "layers", {})
+    if "std" not in layers:
+        return None
+    row = {str(s): i for i, s in enumerate(pred_adata.obs_names)}
+    return _as_2d_float(layers["std"][np.array([row[str(s)] for s in spots], dtype=np.intp)], "layers['std']")
 
 
 def prediction_coords(pred_adata: Any, spots: Sequence[str]) -> np.ndarray | None:

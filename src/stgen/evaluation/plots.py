@@ -18,7 +18,7 @@ from stgen.utils.io import atomic_path
 from stgen.evaluation.metrics import gene_gene_corr_agreement
 
 
-__all__ = ["plot_spatial_maps", "plot_corr_heatmaps", "plot_metric_bars", "plot_slide_maps"]
+__all__ = ["plot_spatial_maps", "plot_corr_heatmaps", "plot_metric_bars", "plot_slide_maps", "plot_uncertainty_maps"]
 
 _DPI = 120
 
@@ -50,6 +50,21 @@ def _corr(x: np.ndarray) -> np.ndarray:
     c[const, :] = np.nan
     c[:, const] = np.nan
     return c
+
+
+def _map_panel(ax: Any, xy: np.ndarray, values: np.ndarray, size: float, cmap: str, vmin: float, vmax: float,
+               title: str | None, ylabel: str | None) -> Any:
+    """One spot map on ``ax`` (y inverted, no ticks); returns the scatter for a colour bar."""
+    sc = ax.scatter(xy[:, 0], xy[:, 1], c=values, s=size, cmap=cmap, vmin=vmin, vmax=vmax, linewidths=0)
+    ax.set_aspect("equal")
+    ax.invert_yaxis()
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=10)
+    if ylabel:
+        ax.set_ylabel(ylabel, fontsize=10)
+    return sc
 
 
 def plot_spatial_maps(
@@ -117,17 +132,8 @@ def plot_spatial_maps(
             vmax = vmin + 1e-6
         sc = None
         for c, (name, mat) in enumerate(columns):
-            ax = axes[r, c]
-            sc = ax.scatter(xy[:, 0], xy[:, 1], c=mat[:, j], s=size, cmap="viridis",
-                            vmin=vmin, vmax=vmax, linewidths=0)
-            ax.set_aspect("equal")
-            ax.invert_yaxis()
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(name, fontsize=10)
-            if c == 0:
-                ax.set_ylabel(gene, fontsize=10)
+            sc = _map_panel(axes[r, c], xy, mat[:, j], size, "viridis", vmin, vmax,
+                            name if r == 0 else None, gene if c == 0 else None)
         if sc is not None:
             fig.colorbar(sc, ax=list(axes[r, :]), shrink=0.8, pad=0.01)
     heading = title or ""
@@ -136,6 +142,58 @@ def plot_spatial_maps(
         heading = (heading + "\n" if heading else "") + f"skipped (not in panel): {shown}"
     if heading:
         fig.suptitle(heading, fontsize=11)
+    save_figure(fig, out_png)
+
+
+def plot_uncertainty_maps(
+    coords_xy: np.ndarray,
+    truth: np.ndarray,
+    mean: np.ndarray,
+    sd: np.ndarray,
+    genes: Sequence[str],
+    gene_names: Sequence[str],
+    out_png: str | os.PathLike,
+    title: str | None = None,
+) -> None:
+    """How to read a predictive sd: per gene, truth, predicted mean, absolute error and predicted sd.
+
+    ``coords_xy`` (N, 2) spot centres (pixels, y drawn inverted); ``truth``, ``mean``, ``sd`` (N, G) over
+    ``gene_names``, e.g. log2(count + 1). Truth and mean share a colour scale (1st-99th percentile of the
+    truth), error and sd another (``magma``, 0 to the 99th percentile of both): where the sd is calibrated
+    the two right-hand maps look alike, and each row's label gives the gene's ``coverage_90`` (the share of
+    spots inside mean +- 1.645 sd). Genes not in ``gene_names`` are skipped; InputError on shape
+    mismatches or when none of ``genes`` is in the panel.
+    """
+    from stgen.evaluation.metrics import Z90
+
+    gene_names = [str(g) for g in gene_names]
+    xy = np.asarray(coords_xy, dtype=np.float64)
+    if xy.ndim != 2 or xy.shape[1] != 2:
+        raise InputError(f"coords_xy: expected shape (N, 2), got {xy.shape}")
+    n, g_count = xy.shape[0], len(gene_names)
+    t, m, s = (_matrix(a, name, g_count, n) for a, name in ((truth, "truth"), (mean, "mean"), (sd, "sd")))
+    index = {g: i for i, g in enumerate(gene_names)}
+    present = [str(g) for g in genes if str(g) in index]
+    if not present:
+        raise InputError(f"genes: none of the requested genes {list(genes)[:10]} is in the panel of {g_count} genes")
+    size = float(np.clip(6000.0 / max(n, 1), 2.0, 40.0))
+    fig, axes = plt.subplots(len(present), 4, figsize=(2.8 * 4 + 1.2, 2.8 * len(present) + 0.6), squeeze=False)
+    for r, gene in enumerate(present):
+        j = index[gene]
+        err = np.abs(t[:, j] - m[:, j])
+        lo, hi = np.percentile(t[:, j], [1, 99])
+        hi = hi if hi > lo else lo + 1e-6
+        ehi = max(float(np.percentile(np.concatenate([err, s[:, j]]), 99)), 1e-6)
+        cov = float(np.mean(err <= Z90 * s[:, j]))
+        panels = [("truth", t[:, j], "viridis", lo, hi), ("predicted mean", m[:, j], "viridis", lo, hi),
+                  ("|truth - mean|", err, "magma", 0.0, ehi), ("predicted sd", s[:, j], "magma", 0.0, ehi)]
+        for c, (name, v, cmap, vmin, vmax) in enumerate(panels):
+            sc = _map_panel(axes[r, c], xy, v, size, cmap, vmin, vmax, name if r == 0 else None,
+                            f"{gene}\ncoverage-90 {cov:.2f}" if c == 0 else None)
+            if c in (1, 3):
+                fig.colorbar(sc, ax=list(axes[r, c - 1 : c + 1]), shrink=0.8, pad=0.01)
+    if title:
+        fig.suptitle(title, fontsize=11)
     save_figure(fig, out_png)
 
 

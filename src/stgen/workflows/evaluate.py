@@ -12,7 +12,7 @@ from stgen.data.common import _anndata_counts, read_anndata
 from stgen.data.targets import transform_counts
 from stgen.errors import InputError
 from stgen.utils.io import write_json
-from stgen.evaluation.metrics import align_prediction_to_truth, evaluate_section, prediction_coords
+from stgen.evaluation.metrics import align_prediction_to_truth, evaluate_section, prediction_coords, prediction_sd
 from stgen.workflows.inputs import _check_folder
 
 
@@ -52,7 +52,8 @@ def score_prediction(pred: ad.AnnData, truth: ad.AnnData, label: str, k: int = 8
     The metrics are those of :func:`stgen.evaluation.metrics.evaluate` with the scored
     spots' ``obsm['spatial']`` as coordinates, so they always include ``ssc``,
     ``ssim`` and ``rvd`` (and ``per_gene_r``). Without ``obsm['spatial']``,
-    ``ssc`` and ``ssim`` are NaN; with fewer than ``k + 1`` scored spots ``ssc``
+    ``ssc`` and ``ssim`` are NaN; ``coverage_90`` and ``width_90`` score ``layers['std']`` (NaN without it
+    or where it is zero); with fewer than ``k + 1`` scored spots ``ssc``
     is NaN and a warning is logged (:func:`stgen.evaluation.metrics.evaluate_section`).
     ``label`` (e.g. the two file names) prefixes any InputError, such as panel
     genes missing from the truth or no common spots.
@@ -60,7 +61,7 @@ def score_prediction(pred: ad.AnnData, truth: ad.AnnData, label: str, k: int = 8
     try:
         p, t, genes, spots = align_prediction_to_truth(pred, truth)
         coords = prediction_coords(pred, spots)
-        metrics = evaluate_section(p, t, genes, coords=coords, k=k, label=label)
+        metrics = evaluate_section(p, t, genes, coords=coords, k=k, label=label, sd=prediction_sd(pred, spots))
         if coords is None:
             metrics.update(ssc=float("nan"), ssim=float("nan"))
         return Scored(metrics, p, t, genes, spots)
