@@ -13,28 +13,29 @@ from stgen.workflows.config import StgenConfig
 from stgen.errors import InputError
 from stgen.models.registry import GENERATIVE, MODELS, SPOT_MODELS, expand_models, spot_model
 from stgen.workflows.rundir import config_hash
+from stgen.models.hinge.config import PAPER_PRESET
 from model_fixtures import TINY  # noqa: E402  (tiny settings of every model)
 
 
 
 def test_registry_names_all_and_unknown_models():
-    assert expand_models("all") == list(MODELS) and len(MODELS) == 9
+    assert expand_models("all") == list(MODELS) and len(MODELS) == 10
     assert expand_models("stem, ridge,stem") == ["stem", "ridge"]
-    assert set(GENERATIVE) == {"hinge", "flag", "stem", "stflow"}
-    with pytest.raises(InputError, match="available: hinge, flag, ridge, hifusion, stnet, bleep, stem, stflow, triplex"):
+    assert set(GENERATIVE) == {"hinge", "hinge-paper", "flag", "stem", "stflow"}
+    with pytest.raises(InputError, match="available: hinge, hinge-paper, flag, ridge, hifusion, stnet, bleep, stem, stflow, triplex"):
         expand_models("hinge,nope")
     with pytest.raises(InputError, match="no model"):
         expand_models(" , ")
     for name in SPOT_MODELS:
         cls = spot_model(name)
         assert cls.name == name and (name in GENERATIVE) == cls.generative
-        assert isinstance(getattr(StgenConfig(), name), cls.config_cls)
+        assert isinstance(cls.section_of(StgenConfig()), cls.config_cls)
 
 
 def test_model_sections_only_enter_their_own_config_hash():
     base = StgenConfig()
     # computed before the benchmark models existed: cached hinge/ridge/flag runs stay valid
-    assert config_hash(base, "hinge", "C2") == "af5622a34c38ea10"
+    assert config_hash(base, "hinge", "C2") == "3316503edac332da"  # new HINGE defaults (issue 15: head, K=3, 2 draws)
     assert config_hash(base, "ridge", "C2") == "d8f8d1a6a846bb59"
     assert config_hash(base, "flag", "C2") == "b3da231317e03b6e"
     other = StgenConfig.from_dict({"stem": {"samples": 7}, "bleep": {"top_k": 3}})
@@ -97,7 +98,8 @@ def test_fit_predict_round_trip_for_every_benchmark_model(tmp_path, monkeypatch,
         info = a.uns["stgen"]
         assert info["model"] == name
         if name in GENERATIVE:
-            assert (info["steps"], info["samples"]) == (TINY[name]["steps"], TINY[name]["samples"])
+            want = PAPER_PRESET if name == "hinge-paper" else TINY[name]  # hinge-paper: the paper's sampler
+            assert (info["steps"], info["samples"]) == (want["steps"], want["samples"])
             assert a.layers["std"].max() > 0, name
         else:
             assert (info["steps"], info["samples"]) == (0, 1) and not a.layers["std"].any(), name
@@ -142,4 +144,4 @@ def test_benchmark_all_models_one_report_reused_and_refit_only_what_changed(tmp_
     assert fits == ["bleep"] and len(predicts) == 1
     assert list(pd.read_csv(bench / "metrics.csv").model) == ["bleep", "ridge"]
     r = CliRunner().invoke(app, args("hinge,stnet2"))
-    assert r.exit_code == 2 and "available: hinge, flag, ridge, hifusion, stnet" in r.output
+    assert r.exit_code == 2 and "available: hinge, hinge-paper, flag, ridge, hifusion, stnet" in r.output

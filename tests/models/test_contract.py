@@ -39,7 +39,7 @@ def test_every_model_fits_saves_loads_and_predicts(name, fold, tmp_path, one_thr
     train, test, fs, panel = fold
     cls = spot_model(name)
     assert cls.name == name and (name in GENERATIVE) == cls.generative
-    cfg = getattr(StgenConfig.from_dict(TINY), name)
+    cfg = cls.section_of(StgenConfig.from_dict(TINY))
     assert isinstance(cfg, cls.config_cls)
     model, history = cls.fit(train, panel, cfg, fs, progress=False, context=_context(cls, panel))
     assert isinstance(model, SpotModel)

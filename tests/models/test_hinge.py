@@ -182,3 +182,60 @@ def test_spot_keyed_sampling_does_not_depend_on_the_other_spots():
     other = model.generate(feats[sub], sched, steps=4, n_samples=3, generator=torch.Generator().manual_seed(1),
                            spot_keys=spot_keys(xy[sub]))[0]
     assert not torch.allclose(other, part_mean, atol=1e-5)
+
+
+def _train_toy(predictive):
+    feats, y = _toy_data()
+    torch.manual_seed(0)
+    bb = ExpressionBackbone(GENES[:12], CFG)
+    cfg = HingeConfig(T=10, lr=3e-3, batch_size=16, max_epochs=6, es_warmup=6, curriculum_epochs=1,
+                      milestones=[100], val_fraction=0.2, val_steps=3, predictive=predictive)
+    model = HINGE(bb, GENES[:12], feat_dim=feats.shape[1], T=10, config=cfg)
+    train_hinge(model, feats, y, cfg, MaskSchedule(12, T=10), progress=False)
+    return model, torch.as_tensor(feats), torch.as_tensor(y)
+
+
+def test_predictive_head_leaves_the_papers_mean_path_and_learns_a_calibrated_sd():
+    """The Gaussian head reads detached states and is built last: the mean network trains exactly as HINGE's
+    (same weights, same prediction), and the head's sd covers the truth about as a 90% interval should."""
+    import pytest
+
+    paper, ft, yt = _train_toy("none")
+    head, _, _ = _train_toy("gaussian")
+    assert paper.sd_head is None and head.has_sd
+    shared = {k: v for k, v in head.state_dict().items() if not k.startswith("sd_head.")}
+    for k, v in paper.state_dict().items():
+        torch.testing.assert_close(shared[k], v, msg=k)
+    sched = MaskSchedule(12, T=10)
+    kw = dict(steps=3, n_samples=4, generator=torch.Generator().manual_seed(0))
+    mean_p, sd_p = paper.generate(ft, sched, **kw)
+    mean_h, sd_h = head.generate(ft, sched, **{**kw, "generator": torch.Generator().manual_seed(0)})
+    torch.testing.assert_close(mean_h, mean_p)
+    assert torch.all(sd_h > sd_p)  # the mixture sd adds the head's variance to the samples' spread
+    inside = float(((yt - mean_h).abs() <= 1.645 * sd_h).float().mean())
+    assert 0.7 < inside < 0.99, inside  # training spots, 6 epochs: near the nominal 90%
+    with pytest.raises(ValueError, match="predictive head"):
+        paper.generate(ft, sched, steps=3, reveal="sample")
+    with pytest.raises(ValueError, match="reveal"):
+        head.generate(ft, sched, steps=3, reveal="draw")
+
+
+def test_sample_reveal_gives_distinct_samples_with_spot_keyed_draws():
+    from stgen.sampling.masking import spot_keys
+
+    head, ft, _ = _train_toy("gaussian")
+    sched = MaskSchedule(12, T=10)
+    xy = torch.rand(len(ft), 2, generator=torch.Generator().manual_seed(2)).numpy() * 5000
+    keys = spot_keys(xy)
+
+    def run(idx, seed=0, reveal="sample"):
+        return head.generate(ft[idx], sched, steps=3, n_samples=3, generator=torch.Generator().manual_seed(seed),
+                             spot_keys=keys[idx], reveal=reveal)
+
+    mean_s, sd_s = run(list(range(len(ft))))
+    mean_m, sd_m = run(list(range(len(ft))), reveal="mean")
+    assert not torch.allclose(mean_s, mean_m, atol=1e-4)  # later steps condition on drawn values
+    sub = [9, 3, 40]
+    torch.testing.assert_close(run(sub)[0], mean_s[sub], atol=1e-5, rtol=1e-5)  # draws keyed on the spot
+    assert not torch.allclose(run(sub, seed=1)[0], mean_s[sub], atol=1e-5)
+    assert torch.all(sd_s > 0) and torch.isfinite(sd_s).all()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from stgen.errors import InputError
-from stgen.sampling.masking import MaskSchedule, forward_mask, reverse_timesteps, sample_unmasking
+from stgen.sampling.masking import (MaskSchedule, forward_mask, mixture_moments, reverse_timesteps, sample_unmasking,
+                                   spot_keys, spot_normals, spot_uniforms)
 
 
 @pytest.mark.parametrize("G", [7, 50, 244, 1000])
@@ -102,3 +104,50 @@ def test_sampler_reveal_counts_follow_schedule():
     expected = [G - s.masked_count(t) for t in reverse_timesteps(50, 5)[:-1]]
     for nv, e in zip(n_visible, expected):
         assert torch.all(nv == e)
+
+
+def test_predictive_reveal_draws_around_the_mean_and_returns_reveal_time_moments():
+    G, B = 30, 4000
+    s = MaskSchedule(G, T=20)
+
+    def denoise(x, visible, t):  # mean 2 + t/10, sd 0.5 at every step
+        return torch.full(x.shape, 2.0 + t / 10), torch.full(x.shape, 0.5)
+
+    eps = torch.randn(B, G, generator=torch.Generator().manual_seed(0))
+    x, m, sd = sample_unmasking(denoise, B, s, 4, generator=torch.Generator().manual_seed(1),
+                                reveal_noise=eps, return_moments=True)
+    torch.testing.assert_close(x, (m + sd * eps).clamp_min(0.0))  # each gene: a draw from its reveal-step moments
+    assert set(torch.unique(m).tolist()) <= {2.0 + t / 10 for t in reverse_timesteps(20, 4)[:-1]}
+    assert torch.all(sd == 0.5)
+    assert abs(float((x - m).std()) - 0.5) < 0.01
+    plain = sample_unmasking(lambda x, v, t: denoise(x, v, t)[0], B, s, 4, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(plain, m)  # same orders: reveal-time means are what reveal 'mean' returns
+    with pytest.raises(ValueError, match="reveal_noise"):
+        sample_unmasking(denoise, B, s, 4, reveal_noise=eps[:-1])
+    with pytest.raises(ValueError, match="sigma"):
+        sample_unmasking(lambda x, v, t: denoise(x, v, t)[0], B, s, 4, reveal_noise=eps)
+
+
+def test_mixture_moments_is_the_law_of_total_variance():
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(6, 3, 5, generator=g)
+    sds = torch.rand(6, 3, 5, generator=g)
+    mean, sd = mixture_moments(means, sds)
+    torch.testing.assert_close(mean, means.mean(0))
+    torch.testing.assert_close(sd ** 2, (sds ** 2).mean(0) + means.var(0, unbiased=False))
+    _, sample_sd = mixture_moments(means, torch.zeros_like(sds))
+    torch.testing.assert_close(sample_sd, means.std(0, unbiased=False))
+    # a large mixture of draws has the moments the formula gives
+    draws = means[:, :1, :1] + sds[:, :1, :1] * torch.randn(6, 200000, 1, generator=g)
+    assert abs(float(draws.std()) - float(sd[0, 0])) < 0.01
+
+
+def test_spot_normals_are_standard_normal_keyed_per_spot_and_independent_of_the_orders():
+    keys = spot_keys(np.random.default_rng(0).uniform(0, 9000, size=(300, 2)))
+    z = spot_normals(keys, 2, 50, base_seed=7)
+    assert z.shape == (600, 50)
+    assert abs(float(z.mean())) < 0.02 and abs(float(z.std()) - 1.0) < 0.02
+    torch.testing.assert_close(spot_normals(keys[[5, 1]], 2, 50, 7), z[[5, 1, 305, 301]])
+    u = spot_uniforms(keys, 2, 50, 7)
+    assert abs(np.corrcoef(u.flatten().numpy(), z.flatten().numpy())[0, 1]) < 0.02
+    assert not torch.allclose(spot_normals(keys, 2, 50, 8), z)

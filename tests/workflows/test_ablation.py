@@ -110,22 +110,26 @@ def test_default_config_gives_the_same_forward_as_before():
     assert out.sum().item() == pytest.approx(0.6686664819717407, abs=1e-5)
     assert out[0, :4].tolist() == pytest.approx(
         [0.0684824213385582, 0.04266786575317383, -0.13249899446964264, -0.08454127609729767], abs=1e-6)
-    assert set(model.state_dict()) == LEGACY_KEYS  # no new parameters or buffers
+    # the default adds only the predictive head (built last: every other weight draws as before)
+    assert {k for k in model.state_dict() if not k.startswith("sd_head.")} == LEGACY_KEYS
+    paper = HingeConfig(predictive="none")
+    assert set(_golden_forward(paper)[0].state_dict()) == LEGACY_KEYS  # the paper's network: no new parameters
     explicit = HingeConfig(cond_dim=256, time_dim=128, soft_norm=True, identity_init=True, gate=True,
                            adaptation="hinge", lora_rank=8, lora_alpha=8.0, objective="mask")
-    for cfg in (HingeConfig(), explicit, HingeConfig()):
+    for cfg in (HingeConfig(), explicit, paper, HingeConfig().paper()):
         assert torch.equal(_golden_forward(cfg)[1], out)  # bit for bit
 
 
 def test_default_training_is_unchanged():
     """A short train_hinge run reproduces recorded numbers: the ablation switches at their defaults change
     nothing. (Re-recorded when training's data order and masking noise became functions of (seed, epoch) so
-    that a resumed fit is bit-identical: val MSE 1.805 -> 1.820 on this toy run.)"""
+    that a resumed fit is bit-identical: val MSE 1.805 -> 1.820 on this toy run.) The paper's network
+    (``predictive="none"``): the default's head trains beside it without moving its mean (tests/models)."""
     feats, y = _toy()
     torch.manual_seed(5)
-    model = HINGE(ExpressionBackbone(PANEL, CFG), PANEL, feat_dim=6, T=10)
     cfg = HingeConfig(T=10, lr=3e-3, batch_size=16, max_epochs=3, es_warmup=3, curriculum_epochs=1,
-                           milestones=[100], val_fraction=0.2, val_steps=3)
+                      milestones=[100], val_fraction=0.2, val_steps=3, predictive="none")
+    model = HINGE(ExpressionBackbone(PANEL, CFG), PANEL, feat_dim=6, T=10, config=cfg)
     hist = train_hinge(model, feats.numpy(), y.numpy(), cfg, MaskSchedule(12, T=10), progress=False)
     m, s = model.generate(feats[:8], MaskSchedule(12, T=10), steps=3, n_samples=2,
                           generator=torch.Generator().manual_seed(0))
@@ -198,7 +202,7 @@ def test_decoder_tune_modulates_only_before_the_decoder():
     mods = [n for n, m in model.named_modules() if isinstance(m, SoftAdaLN)]
     assert mods == ["mod_dec"] and model.mod_attn is None and model.mod_ffn is None
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"phi", "mod_dec", "decoder"}
+    assert trainable == {"phi", "mod_dec", "decoder", "sd_head"}  # sd_head: the default predictive head
     x, vis, t, f = _inputs()
     ref = model.backbone(x, model.gene_idx, vis)
     assert torch.equal(model(x, vis, t, f), ref)  # identity at init

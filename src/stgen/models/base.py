@@ -146,10 +146,12 @@ class SpotModel(ABC):
     (the fit restricts the panel to the backbone's vocabulary and hands the
     backbone in :class:`FitContext`), ``in_every_hash`` (its config section
     enters every model's config hash: ``hinge`` and ``ridge``, the first two
-    models, so that cached runs of every model keep their hashes).
+    models, so that cached runs of every model keep their hashes), ``config_section`` (the YAML section it
+    reads when not its ``name``: ``hinge-paper`` reads ``hinge``; see :meth:`section_of`).
     """
 
     name: ClassVar[str]
+    config_section: ClassVar[str | None] = None
     generative: ClassVar[bool] = False
     config_cls: ClassVar[type]
     needs_backbone: ClassVar[bool] = False
@@ -157,6 +159,11 @@ class SpotModel(ABC):
     weights_file: ClassVar[str] = "model.safetensors"
     needs_xy: ClassVar[bool] = True
     cuts_own_patches: ClassVar[bool] = False  # reads image patches itself: features.patch_um is refused
+
+    @classmethod
+    def section_of(cls, cfg: Any) -> Any:
+        """This model's hyper-parameters in a whole configuration (``cfg.<config_section or name>``)."""
+        return getattr(cfg, cls.config_section or cls.name)
 
     @classmethod
     @abstractmethod

@@ -9,6 +9,8 @@ when first used. Adding a model: one package plus one line in :data:`SPOT_MODELS
 name       method (source)                                              sampled
 =========  ===========================================================  ==========
 hinge      HINGE, CVPR 2026 (:mod:`stgen.models.hinge.network`)                 yes
+           with stgen's predictive head (config ``hinge``)
+hinge-paper  HINGE exactly as published (same ``hinge`` section, paper preset)     yes
 flag       FLAG (:mod:`stgen.models.flag.network`)                              yes
 ridge      standardise + PCA + RidgeCV on the features                 no
 hifusion   HiFusion (:mod:`stgen.models.hifusion.model`)                      no
@@ -33,6 +35,7 @@ if TYPE_CHECKING:  # the registry itself imports no model (nor torch): the CLI s
 #: name -> (module, class) of every model, in report order
 SPOT_MODELS: dict[str, tuple[str, str]] = {
     "hinge": ("stgen.models.hinge.model", "HingeModel"),
+    "hinge-paper": ("stgen.models.hinge.model", "HingePaperModel"),
     "flag": ("stgen.models.flag.model", "FlagModel"),
     "ridge": ("stgen.models.ridge.model", "Ridge"),
     "hifusion": ("stgen.models.hifusion.model", "HiFusion"),
@@ -45,7 +48,7 @@ SPOT_MODELS: dict[str, tuple[str, str]] = {
 #: every model name, in report order
 MODELS: tuple[str, ...] = tuple(SPOT_MODELS)
 #: sampled models: the benchmark predicts them once per sampling seed (each class's ``generative``)
-GENERATIVE: tuple[str, ...] = ("hinge", "flag", "stem", "stflow")
+GENERATIVE: tuple[str, ...] = ("hinge", "hinge-paper", "flag", "stem", "stflow")
 
 
 def check_model(name: str) -> str:

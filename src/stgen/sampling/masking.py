@@ -18,7 +18,17 @@ Reverse process (sampler)
     below ``G - masked_count(t_{k-1})`` are revealed with the prediction.
     Revealed genes are never changed again. ``n`` independent orders give ``n``
     samples whose mean is the prediction and whose per-gene standard deviation
-    is the uncertainty.
+    is the uncertainty (HINGE).
+
+Predictive reveal (stgen, beyond the paper)
+    A denoiser that also returns a per-gene predictive sd ``sigma`` (a Gaussian
+    head trained with the Gaussian NLL) can reveal a *draw*
+    ``max(0, x0_hat + sigma * eps)`` instead of ``x0_hat`` (``reveal_noise``),
+    so later steps condition on sampled values, as upstream HINGE fills masked
+    genes with noise. :func:`sample_unmasking` can return each gene's moments
+    at its reveal step (``return_moments``); :func:`mixture_moments` turns
+    those of ``n`` samples into the mean and sd of their Gaussian mixture (law
+    of total variance), which is finite and calibratable even at ``n = 1``.
 """
 
 from __future__ import annotations
@@ -148,14 +158,17 @@ def sample_unmasking(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
     on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-    x0_first: torch.Tensor | None = None,
+    x0_first: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
     order_noise: torch.Tensor | None = None,
-) -> torch.Tensor:
+    reveal_noise: torch.Tensor | None = None,
+    return_moments: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One reverse masked-diffusion run for ``n_spots`` spots.
 
     Parameters
     ----------
-    denoise : ``denoise(x (B, G), visible (B, G) bool, t) -> x0_hat (B, G)``.
+    denoise : ``denoise(x (B, G), visible (B, G) bool, t) -> x0_hat (B, G)``, or
+        ``-> (x0_hat, sigma)`` (B, G) each with a predictive sd ``sigma``.
     n_spots : batch size ``B``.
     schedule : the training schedule (its ``T`` and ``n_genes``).
     steps : inference budget ``K`` (1..T).
@@ -166,10 +179,22 @@ def sample_unmasking(
     order_noise : optional (B, G) uniform draws that fix the random reveal order
         (genes revealed in increasing order of their draw) instead of drawing
         them from ``generator``; :func:`spot_uniforms` makes them per spot.
+    reveal_noise : optional (B, G) standard normal draws: a gene revealed at a
+        step takes ``max(0, x0_hat + sigma * eps)`` (targets are >= 0) instead
+        of ``x0_hat``. Needs a denoiser that returns ``sigma``.
+    return_moments : also return each gene's ``x0_hat`` and ``sigma`` at the
+        step it was revealed (``sigma`` 0 for a denoiser without one).
 
     Returns
     -------
-    (B, G) float tensor: all genes revealed.
+    (B, G) float tensor: all genes revealed; with ``return_moments``
+    ``(x, mean (B, G), sigma (B, G))``.
+
+    Raises
+    ------
+    ValueError
+        ``order_noise`` or ``reveal_noise`` of the wrong shape, or
+        ``reveal_noise`` with a denoiser that returns no ``sigma``.
     """
     g = schedule.n_genes
     ts = reverse_timesteps(schedule.T, steps)
@@ -178,16 +203,53 @@ def sample_unmasking(
     u = order_noise.cpu() if order_noise is not None else torch.rand(n_spots, g, generator=generator)
     order = u.argsort(dim=1)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(g).expand_as(order)).to(device)  # inverse perm.
+    if reveal_noise is not None and tuple(reveal_noise.shape) != (n_spots, g):
+        raise ValueError(f"reveal_noise must be ({n_spots}, {g}), got {tuple(reveal_noise.shape)}")
     x = torch.zeros(n_spots, g, device=device)
+    m = torch.zeros(n_spots, g, device=device) if return_moments else None
+    sd = torch.zeros(n_spots, g, device=device) if return_moments else None
     visible = torch.zeros(n_spots, g, dtype=torch.bool, device=device)
     for i, (t_cur, t_next) in enumerate(zip(ts[:-1], ts[1:])):
-        x0_hat = x0_first if i == 0 and x0_first is not None else denoise(x, visible, t_cur)
+        out = x0_first if i == 0 and x0_first is not None else denoise(x, visible, t_cur)
+        x0_hat, sigma = out if isinstance(out, tuple) else (out, None)
         reveal = (rank < g - schedule.masked_count(t_next)) & ~visible
-        x = torch.where(reveal, x0_hat, x)
+        value = x0_hat
+        if reveal_noise is not None:
+            if sigma is None:
+                raise ValueError("reveal_noise needs a denoiser that returns (x0_hat, sigma)")
+            value = (x0_hat + sigma * reveal_noise.to(device)).clamp_min(0.0)
+        x = torch.where(reveal, value, x)
+        if return_moments:
+            m = torch.where(reveal, x0_hat, m)
+            if sigma is not None:
+                sd = torch.where(reveal, sigma, sd)
         visible |= reveal
         if on_step is not None:
             on_step(t_cur, x0_hat, visible)
-    return x
+    return (x, m, sd) if return_moments else x
+
+
+def mixture_moments(means: torch.Tensor, sds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and sd of an equal-weight Gaussian mixture over the first axis.
+
+    ``means``, ``sds`` (S, N, G): ``S`` samples' per-gene predictive means and
+    sds -> ``(mean (N, G), sd (N, G))`` with ``mean = E_s[m_s]`` and
+    ``sd^2 = E_s[sd_s^2] + Var_s[m_s]`` (law of total variance; population
+    variance over the samples). With all ``sds`` zero this is the samples'
+    mean and (ddof = 0) sd.
+    """
+    mean = means.mean(0)
+    var = (sds * sds).mean(0) + ((means - mean) ** 2).mean(0)
+    return mean, var.clamp_min(0.0).sqrt()
+
+
+def spot_normals(keys: torch.Tensor, n_samples: int, n_genes: int, base_seed: int) -> torch.Tensor:
+    """Standard normal draws ``(n_samples * N, G)`` (sample-major) that depend only on each spot's key,
+    as :func:`spot_uniforms` (from a seed derived from ``base_seed``, so they are independent of the
+    uniforms of the same spot)."""
+    mixed = (int(base_seed) * 0x2545F4914F6CDD1D + 0x632BE59BD9B4E019) & 0x7FFFFFFFFFFFFFFF
+    u = spot_uniforms(keys, n_samples, n_genes, mixed).double()
+    return (math.sqrt(2.0) * torch.special.erfinv(2.0 * u.clamp(1e-7, 1 - 1e-7) - 1.0)).float()
 
 
 def spot_uniforms(keys: torch.Tensor, n_samples: int, n_genes: int, base_seed: int) -> torch.Tensor:

@@ -58,10 +58,12 @@ DEFAULT_KS = (1, 2, 5, 10, 25, 50)
 
 # ------------------------------------------------------------------ helpers
 def _hinge_parts(run: Any) -> tuple[torch.nn.Module, MaskSchedule, dict]:
-    """The HINGE model, its training schedule and ``meta['hinge']`` (InputError for ridge runs)."""
-    if run.meta.get("model") != "hinge":
-        raise InputError(f"step-wise analysis needs a HINGE run, got model {run.meta.get('model')!r}")
-    h = run.meta["hinge"]
+    """The HINGE model, its training schedule and ``meta['hinge']`` (``hinge-paper`` runs: their own section;
+    InputError for other models' runs)."""
+    model = run.meta.get("model")
+    if model not in ("hinge", "hinge-paper"):
+        raise InputError(f"step-wise analysis needs a HINGE run, got model {model!r}")
+    h = run.meta[model]
     return run.model.net, MaskSchedule(len(run.panel), h["T"], h["schedule"], h["zeta"]), h
 
 

@@ -51,17 +51,20 @@ from stgen.workflows.fit import fit
 from stgen.workflows.paths import image_for_section
 from stgen.workflows.evaluate import load_truth, score_prediction
 from stgen.workflows.predict import predict_or_reuse
-from stgen.evaluation.plots import plot_corr_heatmaps, plot_metric_bars, plot_spatial_maps
+from stgen.evaluation.plots import plot_corr_heatmaps, plot_metric_bars, plot_spatial_maps, plot_uncertainty_maps
+from stgen.evaluation.metrics import prediction_sd
 
 
 log = logging.getLogger(__name__)
 
 MARKERS = ("ERBB2", "FASN", "GNAS")
-METRICS = ("pcc50", "pcc200", "mse", "mae", "gsc", "ssc", "rvd", "ssim", "ari", "nmi", "deg_top20", "deg_top50")
+METRICS = ("pcc50", "pcc200", "mse", "mae", "gsc", "ssc", "rvd", "ssim", "ari", "nmi", "deg_top20", "deg_top50",
+           "coverage_90", "width_90")
 LABELS = {"pcc50": "PCC-50", "pcc200": "PCC-200", "mse": "MSE", "mae": "MAE", "gsc": "GSC", "ssc": "SSC",
-          "rvd": "RVD", "ssim": "SSIM", "ari": "ARI", "nmi": "NMI", "deg_top20": "DEG-20", "deg_top50": "DEG-50"}
+          "rvd": "RVD", "ssim": "SSIM", "ari": "ARI", "nmi": "NMI", "deg_top20": "DEG-20", "deg_top50": "DEG-50",
+          "coverage_90": "coverage-90", "width_90": "width-90"}
 TABLES = (("Accuracy", ("pcc50", "pcc200", "mse", "mae")), ("Structure", ("gsc", "ssc", "rvd", "ssim")),
-          ("Downstream", ("ari", "nmi", "deg_top20", "deg_top50")))
+          ("Downstream", ("ari", "nmi", "deg_top20", "deg_top50")), ("Uncertainty", ("coverage_90", "width_90")))
 TIMING = ("fit_s", "predict_s", "spots_per_s")
 SEED_SD_METRICS = ("pcc50", "mse", "gsc", "ssc")  # columns of the sampling-variance table
 SSC_K = 8  # neighbours of the spatial graph of SSC and the Moran's I figure (FLAG App. C.2)
@@ -77,6 +80,9 @@ LEGEND = (
                "gene's range (HINGE supp. B)"),
     ("ARI / NMI ↑", "agreement of the Leiden domains (scanpy: scale, PCA, 15-NN, resolution 0.5, seed 0) of "
                     "prediction and truth (FLAG 4.5 / H.9)"),
+    ("coverage-90 → 0.90 / width-90", "share of true values inside the central 90% Gaussian interval "
+                                       "mean ± 1.645 sd of `layers['std']`, and the interval's mean width "
+                                       "(n/a for a model without an sd)"),
     ("DEG-20 / DEG-50 ↑", "mean over the true domains of |top-K Wilcoxon markers of prediction ∩ of truth| / K "
                           "(FLAG 4.5 / H.9)"),
 )
@@ -155,6 +161,9 @@ def run_benchmark(
                                   "predict_s": predict_s})
                 if seed == 0:
                     plots[model] = (sc.pred, sc.genes, pred[sc.spots].obsm["spatial"], sc.true, m["ssc"])
+                    sd = prediction_sd(pred, sc.spots)
+                    if sd is not None and np.any(sd > 0):
+                        _uncertainty_plot(out, model, section, plots[model], sd, m["coverage_90"])
         _section_plots(out, section, plots)
     seed_df = pd.DataFrame(seed_rows)
     df = fold_table(seed_df, seeds)
@@ -204,6 +213,14 @@ def _morans_figure(out: Path, section: str, preds: dict) -> None:
         (pred_i[m], true_i[m]), ssc[m] = morans_i_pair(p, t, xy, SSC_K), s
     plot_morans_scatter(true_i, pred_i, out / f"morans_{section}.png", ssc=ssc,
                         title=f"Held-out section {section}: Moran's I per gene (seed-0 predictions)")
+
+
+def _uncertainty_plot(out: Path, model: str, section: str, scored: tuple, sd: np.ndarray, coverage: float) -> None:
+    """``uncertainty_<model>_<section>.png``: truth, mean, error and predictive sd of the marker genes."""
+    p, genes, xy, t, _ = scored
+    plot_uncertainty_maps(xy, t, p, sd, MARKERS, genes, out / f"uncertainty_{model}_{section}.png",
+                          title=f"{model} on held-out {section}: predictive sd (log2(count+1)); "
+                                f"panel coverage-90 {coverage:.2f}")
 
 
 def _section_plots(out: Path, section: str, preds: dict) -> None:

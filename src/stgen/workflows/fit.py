@@ -164,7 +164,7 @@ def fit(
                 spots=spot_layout(train.values(), cfg.features.patch_px, cfg.features.patch_um))
     sections = [SectionInput(name, a.obsm["spatial"], fs, section_image(a), ts)
                 for name, fs, a, ts in zip(train, feat_list, train.values(), target_list)]
-    sub = getattr(cfg, model)
+    sub = cls.section_of(cfg)
     with work as tmp:  # <out>.partial/out (rank 0), published as out on success; checkpoints, resume, devices
         t0 = time.time()
         net, history = cls.fit(sections, panel, sub, feature_settings(cfg, cache_dir, progress), progress=progress,

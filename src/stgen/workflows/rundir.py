@@ -179,17 +179,26 @@ class _PartialRun:
         return False
 
 
+#: ``hinge`` fields read by HINGE alone (sampler, predictive head) and the values other models' hashes keep
+HINGE_ONLY = ("steps", "samples", "predictive", "reveal", "sd_scale")
+HINGE_ONLY_AS_HASHED = {"steps": 5, "samples": 10}
+
+
 def config_hash(cfg: StgenConfig, model: str, test_section: str) -> str:
     """Identity of a fit: same hash = same model would be trained.
 
     A model's config section counts only for that model, except the sections of
     the models with ``in_every_hash`` (``hinge`` and ``ridge``, the first two):
     the hashes (and cached runs) of the others must not change when a model is
-    added or its section is edited.
+    added or its section is edited. HINGE's sampler and predictive-head fields (:data:`HINGE_ONLY`) count
+    only for ``hinge`` and ``hinge-paper``.
     """
     d = cfg.to_dict()
     if d["features"].get("patch_um") is None:  # added later: unset, it must not change earlier runs' hashes
         d["features"].pop("patch_um", None)
+    if not model.startswith("hinge"):  # HINGE's sampler and head train no other model: they enter other
+        d["hinge"] = {**{k: v for k, v in d["hinge"].items() if k not in HINGE_ONLY},  # models' hashes at
+                      **HINGE_ONLY_AS_HASHED}  # their values when those hashes were first computed
     for other in MODELS:
         if other != model and not spot_model(other).in_every_hash:
             d.pop(other, None)
@@ -257,4 +266,5 @@ def load_run(run_dir: str | Path) -> TrainedRun:
     meta = yaml.safe_load((run_dir / "run.json").read_text())
     cfg = StgenConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()), source=str(run_dir / "config.yaml"))
     name = meta["model"]
-    return TrainedRun(meta, cfg, spot_model(name).load(run_dir, meta, getattr(cfg, name)), run_dir=run_dir)
+    cls = spot_model(name)
+    return TrainedRun(meta, cfg, cls.load(run_dir, meta, cls.section_of(cfg)), run_dir=run_dir)

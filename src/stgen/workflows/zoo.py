@@ -156,7 +156,9 @@ def export_backbone(bdir: Path, zoo_dir: Path = ZOO_DIR) -> dict:
 def build_zoo(data_dir: Path, work: Path, cache_dir: Path, models: Sequence[str] = ZOO_MODELS,
               force_backbone: bool = False, zoo_dir: Path = ZOO_DIR, progress: bool = True) -> dict:
     """Rebuild the zoo (module docstring) into ``zoo_dir``; runs are fitted in ``work/runs/<model>`` (resumed:
-    a finished run of the same configuration is reused). Returns the manifest written."""
+    a finished run of the same configuration is reused). Shipped runs of models not in ``models`` keep their
+    manifest entries (``--models hinge`` re-exports HINGE alone), as does the shipped backbone when no cached
+    one was used. Returns the manifest written."""
     from stgen.backbones.pretrain import get_backbone
     from stgen.utils.io import sha256_json
     from stgen.workflows.config import StgenConfig
@@ -164,8 +166,14 @@ def build_zoo(data_dir: Path, work: Path, cache_dir: Path, models: Sequence[str]
 
     cfg = StgenConfig()
     get_backbone(data_dir, cfg, cache_dir, progress=progress, force=force_backbone)
-    keys = [p for p in (cache_dir / "backbones").iterdir() if (p / "backbone.json").is_file()]
-    runs, backbones = {}, {}
+    bcache = cache_dir / "backbones"
+    keys = [p for p in bcache.iterdir() if (p / "backbone.json").is_file()] if bcache.is_dir() else []
+    try:  # runs of models not rebuilt now, and the backbone when none is cached, stay as shipped
+        old = json.loads((zoo_dir / MANIFEST.name).read_text())
+    except (OSError, ValueError):
+        old = {"runs": {}, "backbones": {}}
+    runs = {k: v for k, v in old.get("runs", {}).items() if v.get("model") not in models}
+    backbones = {}
     for model in models:
         out = work / "runs" / model
         fit(data_dir, None, out, model=model, cfg=cfg, cache_dir=cache_dir, progress=progress, resume=True)
@@ -176,6 +184,8 @@ def build_zoo(data_dir: Path, work: Path, cache_dir: Path, models: Sequence[str]
         if used is None or (m["corpus"] == used["corpus"] and m["config"] == used["config"]):
             backbones[p.name] = export_backbone(p, zoo_dir)
             break
+    if not backbones:  # nothing cached (the shipped backbone was used): keep its entry
+        backbones = dict(old.get("backbones", {}))
     man = {"format": 1, "runs": runs, "backbones": backbones}
     man["sha256"] = sha256_json({"runs": runs, "backbones": backbones})
     zoo_dir.mkdir(parents=True, exist_ok=True)

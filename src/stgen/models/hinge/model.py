@@ -59,7 +59,8 @@ class HingeModel(SpotModel):
         net = HINGE(context.backbone, panel, feats.shape[1], cfg.T, cfg)
         history = train_hinge(net, feats, targets, cfg, schedule, progress=progress)
         meta = {"config": cfg.architecture(), "T": cfg.T, "schedule": cfg.schedule, "zeta": schedule.exponent,
-                "steps": cfg.steps, "samples": cfg.samples, "mask_ratio": cfg.mask_ratio,
+                "steps": cfg.steps, "samples": cfg.samples, "reveal": cfg.reveal, "sd_scale": cfg.sd_scale,
+                "mask_ratio": cfg.mask_ratio,
                 "curriculum_epochs": cfg.curriculum_epochs,
                 "n_trainable": sum(p.numel() for p in net.trainable_parameters())}
         return cls(net, meta, dict(context.backbone_meta or {"kind": "default"}), cfg), history
@@ -100,8 +101,14 @@ class HingeModel(SpotModel):
 
     def predict(self, section: SectionInput, features: FeatureSettings, samples: int | None = None,
                 steps: int | None = None, seed: int = 0, progress: bool = False, batch_size: int | None = None,
-                device: str | None = None, precision: str | None = None, **options) -> tuple[np.ndarray, np.ndarray]:
+                device: str | None = None, precision: str | None = None, reveal: str | None = None,
+                **options) -> tuple[np.ndarray, np.ndarray]:
         """``(mean, sd)`` (N, G) over ``samples`` K-step unmasking samples (K = ``steps``), target units.
+
+        With the predictive head (``hinge.predictive: gaussian``) ``sd`` is the predictive sd (the Gaussian
+        mixture of the samples' reveal-time moments); without it (``hinge-paper``, runs saved before the head)
+        the samples' sd; either is multiplied by the run's ``sd_scale`` (``hinge.sd_scale``; 1 for runs saved
+        before it existed). ``reveal`` (default: the run's, ``mean`` for older runs) is ``mean`` or ``sample``.
 
         A spot's reveal orders follow from its pixel position (:func:`stgen.sampling.masking.spot_keys`), so
         its samples do not depend on the other spots predicted with it (a bare-slide grid point equals the same
@@ -110,6 +117,10 @@ class HingeModel(SpotModel):
         samples per sampler batch (default ``hinge.sample_batch_size``)."""
         steps = steps or self.meta["steps"]
         samples = samples or self.meta["samples"]
+        reveal = reveal or self.meta.get("reveal", "mean")  # runs saved before `reveal` revealed the mean
+        if reveal == "sample" and not self.net.has_sd:
+            raise InputError("reveal 'sample' needs a HINGE run with the predictive head; this run has none "
+                             "(hinge-paper, or saved before it existed): refit with hinge.predictive: gaussian")
         batch_size = batch_size or self.cfg.sample_batch_size
         check_sampler_options(samples, batch_size)
         dtype = autocast_dtype(precision or self.cfg.precision)
@@ -120,8 +131,28 @@ class HingeModel(SpotModel):
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
             mean, std = net.generate(torch.as_tensor(section.feats, dtype=torch.float32, device=dev), self.schedule,
                                      steps=steps, n_samples=samples, generator=gen, progress=progress,
-                                     batch_size=batch_size, **keys)
-        return mean.float().cpu().numpy(), std.float().cpu().numpy()
+                                     batch_size=batch_size, reveal=reveal, **keys)
+        scale = float(self.meta.get("sd_scale", 1.0))  # runs saved before the calibration: the sd as sampled
+        return mean.float().cpu().numpy(), (std.float() * scale).cpu().numpy()
 
 
-__all__ = ["HingeModel"]
+class HingePaperModel(HingeModel):
+    """HINGE as published (``--model hinge-paper``): the ``hinge`` config section with
+    :data:`~stgen.models.hinge.config.PAPER_PRESET` on top (no predictive head, x0_hat revealed, 10 samples
+    of K = 5), so :func:`stgen.workflows.benchmark.run_benchmark` can report it beside the default."""
+
+    name: ClassVar[str] = "hinge-paper"
+    config_section: ClassVar[str] = "hinge"
+
+    @classmethod
+    def fit(cls, train: list[SectionInput], panel: list[str], cfg: HingeConfig, features: FeatureSettings,
+            progress: bool = True, context: FitContext | None = None) -> tuple["HingeModel", dict]:
+        return super().fit(train, panel, cfg.paper(), features, progress=progress, context=context)
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict, cfg: HingeConfig,
+                   source: str = "model.safetensors") -> "HingeModel":
+        return super().from_state(tensors, meta, cfg.paper(), source=source)
+
+
+__all__ = ["HingeModel", "HingePaperModel"]

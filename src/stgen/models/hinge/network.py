@@ -28,6 +28,15 @@ overrides in :mod:`stgen.workflows.ablation`); the defaults are HINGE:
   :mod:`stgen.sampling.gaussian`); :meth:`HINGE.generate` dispatches on it;
 * ``soft_norm``, ``identity_init``, ``gate`` - SoftAdaLN switches
   (:mod:`stgen.nn.softadaln`).
+
+Predictive head (stgen, beyond the paper; ``predictive="gaussian"``): a small
+MLP on the *detached* decoder input gives each gene a predictive sd
+``sigma = softplus(.) + 1e-3`` (target units), trained with the Gaussian NLL
+against the detached mean on masked genes (Nix & Weigend 1994; the mean
+path's gradients and so its training are the paper's). ``reveal="sample"``
+reveals draws from it (:mod:`stgen.sampling.masking`); the returned sd is the
+Gaussian-mixture sd over samples (:func:`~stgen.sampling.masking.mixture_moments`).
+``predictive="none"`` is the paper's network (the sample sd only).
 """
 
 from __future__ import annotations
@@ -36,14 +45,16 @@ import copy
 import itertools
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 from stgen.errors import InputError
 from stgen.sampling.gaussian import GaussianSchedule, ddim_sample
-from stgen.sampling.masking import MaskSchedule, sample_unmasking, spot_uniforms
+from stgen.sampling.masking import (MaskSchedule, mixture_moments, sample_unmasking, spot_normals,
+                                   spot_uniforms)
 from stgen.backbones.embedded import ExpressionBackbone
 from stgen.nn.lora import add_lora
 from stgen.nn.softadaln import SoftAdaLN
-from stgen.models.hinge.config import HingeConfig
+from stgen.models.hinge.config import REVEALS, HingeConfig
 from stgen.nn.stats import floored_std
 from stgen.nn.embedding import timestep_embedding
 
@@ -93,6 +104,9 @@ class HINGE(nn.Module):
             p.requires_grad_(True)
         self.lora_modules = (add_lora(backbone.blocks, config.lora_rank, config.lora_alpha)
                              if config.adaptation == "lora" else [])
+        # built last, so every other weight starts as in the paper's network (same RNG draws)
+        self.sd_head = (nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 1))
+                        if config.predictive == "gaussian" else None)
 
     def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Standardisation of histology features, fitted on training spots.
@@ -110,13 +124,32 @@ class HINGE(nn.Module):
         v = ((feats - self.feat_mean) / self.feat_std).clamp(-8.0, 8.0)
         return self.phi(torch.cat([v, timestep_embedding(t, self.config.time_dim, self.T)], dim=-1))
 
-    def forward(self, x_t: torch.Tensor, visible: torch.Tensor, t: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    def hidden(self, x_t: torch.Tensor, visible: torch.Tensor, t: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """The modulated gene tokens the value decoder reads: (B, G), (B, G) bool, (B,), (B, F) -> (B, G, D)."""
         c = self.condition(feats, t)
         h = self.backbone.embed(x_t, self.gene_idx, visible)
         mods = zip(self.mod_attn, self.mod_ffn) if self.mod_attn is not None else itertools.repeat((None, None))
         for blk, kv, (ma, mf) in zip(self.backbone.blocks, self.backbone.kv_masks(visible), mods):
             h = blk(h, kv, cond=c, mod_attn=ma, mod_ffn=mf)
-        return self.decoder(self.mod_dec(h, c)[0])
+        return self.mod_dec(h, c)[0]
+
+    def forward(self, x_t: torch.Tensor, visible: torch.Tensor, t: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """``x0_hat`` (B, G) for all genes (target units)."""
+        return self.decoder(self.hidden(x_t, visible, t, feats))
+
+    @property
+    def has_sd(self) -> bool:
+        """Whether the network has the Gaussian predictive head (``predictive="gaussian"``)."""
+        return self.sd_head is not None
+
+    def moments(self, x_t: torch.Tensor, visible: torch.Tensor, t: torch.Tensor,
+                feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x0_hat, sigma)`` (B, G) each: the mean of :meth:`forward` and the predictive sd (target units,
+        >= 1e-3) of the Gaussian head, which reads the detached decoder input. ValueError without the head."""
+        if self.sd_head is None:
+            raise ValueError("this HINGE network has no predictive head (predictive='none')")
+        h = self.hidden(x_t, visible, t, feats)
+        return self.decoder(h), F.softplus(self.sd_head(h.detach()).squeeze(-1)) + 1e-3
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -144,6 +177,7 @@ class HINGE(nn.Module):
         batch_size: int = 64,
         progress: bool = False,
         spot_keys: torch.Tensor | None = None,
+        reveal: str = "mean",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample expression for spots with features ``feats`` (N, F).
 
@@ -160,47 +194,76 @@ class HINGE(nn.Module):
         pixel positions) makes each spot's reveal orders depend on its key and
         one seed drawn from ``generator`` only, so a spot's samples do not depend
         on the other spots of the call (mask objective).
+
+        ``reveal`` (mask objective): ``mean`` reveals ``x0_hat`` (HINGE); ``sample`` reveals a draw from the
+        predictive head (needs ``predictive="gaussian"``). With the head, the returned mean and sd are those
+        of the Gaussian mixture of the samples' reveal-time moments
+        (:func:`~stgen.sampling.masking.mixture_moments`); without it, the samples' mean and sd.
+        ValueError for an unknown ``reveal``, or ``sample`` without the head.
         """
         self.eval()
-        n, device = feats.shape[0], feats.device
-        noise = None
+        if reveal not in REVEALS:
+            raise ValueError(f"unknown reveal {reveal!r}; choose one of {REVEALS}")
+        if reveal == "sample" and not self.has_sd:
+            raise ValueError("reveal='sample' needs the predictive head (hinge.predictive: gaussian)")
+        n, device, g = feats.shape[0], feats.device, len(self.panel)
+        noise = normals = None
+        n_rows = n_samples * n  # sample-major rows: row r is spot r % n (features gathered per batch, not copied)
         if spot_keys is not None and self.config.objective != "gauss":
             if tuple(spot_keys.shape) != (n,):
                 raise ValueError(f"spot_keys must be ({n},), got {tuple(spot_keys.shape)}")
             base = int(torch.randint(0, 2**62, (1,), generator=generator))
-            noise = spot_uniforms(spot_keys, n_samples, len(self.panel), base)
+            noise = spot_uniforms(spot_keys, n_samples, g, base)
+            if reveal == "sample":
+                normals = spot_normals(spot_keys, n_samples, g, base)
+        elif reveal == "sample":
+            normals = torch.randn(n_rows, g, generator=generator)
         gauss = GaussianSchedule(schedule.T) if self.config.objective == "gauss" else None
+        head = self.has_sd and gauss is None
+
+        def net(x, vis, t, f):  # (mean, sd) with the predictive head, else the mean
+            tt = torch.full((x.shape[0],), t, dtype=torch.long, device=device)
+            if head:
+                mu, sd = self.moments(x, vis, tt, f)
+                return mu.float(), sd.float()
+            return self(x, vis, tt, f).float()
+
         first = None
         if gauss is None and n_samples > 1:  # step 1 (t = T, nothing visible) is the same for every sample
-            g = len(self.panel)
-            first = torch.empty(n, g, device=device)
-            for s in range(0, n, batch_size):
-                f = feats[s : s + batch_size]
-                t_first = torch.full((f.shape[0],), schedule.T, dtype=torch.long, device=device)
-                first[s : s + f.shape[0]] = self(torch.zeros(f.shape[0], g, device=device),
-                                                 torch.zeros(f.shape[0], g, dtype=torch.bool, device=device),
-                                                 t_first, f).float()
-        n_rows = n_samples * n  # sample-major rows: row r is spot r % n (features gathered per batch, not copied)
-        out = torch.empty(n_rows, len(self.panel), device=device)
+            parts = [net(torch.zeros(f.shape[0], g, device=device), torch.zeros(f.shape[0], g, dtype=torch.bool,
+                                                                                device=device), schedule.T, f)
+                     for f in feats.split(batch_size)]
+            first = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])) if head else torch.cat(parts)
+        out = torch.empty(n_rows, g, device=device)
+        sds = torch.zeros(n_rows, g, device=device) if head else None
         for s in tqdm(range(0, n_rows, batch_size), desc=f"sampling {n_samples}x{n} spots, K={steps}",
                       disable=not progress, unit="batch"):
             f = feats[torch.arange(s, min(s + batch_size, n_rows), device=device) % n]
 
             def denoise(x, vis, t, f=f):
-                return self(x, vis, torch.full((x.shape[0],), t, dtype=torch.long, device=device), f).float()
+                return net(x, vis, t, f)
 
             if gauss is not None:
                 def denoise_all(x, t, f=f):  # Gauss-Diff: every gene visible, values noised
                     return denoise(x, torch.ones_like(x, dtype=torch.bool), t, f)
 
-                out[s : s + batch_size] = ddim_sample(denoise_all, f.shape[0], len(self.panel), gauss, steps,
+                out[s : s + batch_size] = ddim_sample(denoise_all, f.shape[0], g, gauss, steps,
                                                       generator, device=device)
                 continue
-            x0_first = None if first is None else first[torch.arange(s, s + f.shape[0], device=device) % n]
-            out[s : s + batch_size] = sample_unmasking(
+            idx = torch.arange(s, s + f.shape[0], device=device) % n
+            x0_first = None if first is None else (first[0][idx], first[1][idx]) if head else first[idx]
+            rows = slice(s, s + f.shape[0])
+            res = sample_unmasking(
                 denoise, f.shape[0], schedule, steps, generator, device=device, x0_first=x0_first,
-                order_noise=None if noise is None else noise[s : s + f.shape[0]])
+                order_noise=None if noise is None else noise[rows],
+                reveal_noise=None if normals is None else normals[rows], return_moments=head)
+            if head:
+                _, out[rows], sds[rows] = res
+            else:
+                out[rows] = res
         out = out.view(n_samples, n, -1)
+        if head:
+            return mixture_moments(out, sds.view(n_samples, n, -1))
         std = out.std(0, unbiased=False) if n_samples > 1 else torch.zeros(n, out.shape[-1], device=device)
         return out.mean(0), std
 

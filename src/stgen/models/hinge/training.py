@@ -27,7 +27,10 @@ MASK_RATIOS = ("schedule", "uniform")
 class HingeModule(BestWeights, L.LightningModule):
     """Masked-diffusion training of a :class:`HINGE` denoiser with curriculum.
 
-    The objective follows ``model.config.objective`` (``mask`` | ``gauss``); for
+    The objective follows ``model.config.objective`` (``mask`` | ``gauss``); with the predictive head
+    (``predictive="gaussian"``) each entry's loss also gets the Gaussian NLL
+    ``log sigma + (x0 - x0_hat)^2 / (2 sigma^2)`` with ``x0_hat`` detached, so the mean is trained as in the
+    paper and the head learns its error. For
     ``gauss`` the curriculum keeps timesteps whose noise variance
     ``1 - abar_t`` is <= ``cfg.curriculum_max_ratio`` (the analogue of the mask ratio).
 
@@ -116,8 +119,13 @@ class HingeModule(BestWeights, L.LightningModule):
         if hi == lo:  # fewer spots than processes: a zero-weight spot keeps this process in step
             lo, hi, weight = 0, 1, 0.0
         rows = slice(lo, hi)
-        pred = self.model(x_t[rows], visible[rows], t[rows], feats[rows])
-        err = (pred - x0[rows]) ** 2
+        if self.model.has_sd:  # the paper's loss on the mean + the Gaussian NLL of the (detached) head
+            pred, sd = self.model.moments(x_t[rows], visible[rows], t[rows], feats[rows])
+            err = (pred - x0[rows]) ** 2
+            err = err + torch.log(sd) + 0.5 * err.detach() / (sd * sd)
+        else:
+            pred = self.model(x_t[rows], visible[rows], t[rows], feats[rows])
+            err = (pred - x0[rows]) ** 2
         if self.gauss is not None:  # gaussian_loss: mean over all entries of the batch
             share = err.sum() / x0.numel()
         else:  # masked_mse of the batch: sum over masked entries / masked entries of the whole batch
