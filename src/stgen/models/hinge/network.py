@@ -125,7 +125,8 @@ class HINGE(nn.Module):
         return self.phi(torch.cat([v, timestep_embedding(t, self.config.time_dim, self.T)], dim=-1))
 
     def hidden(self, x_t: torch.Tensor, visible: torch.Tensor, t: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-        """The modulated gene tokens the value decoder reads: (B, G), (B, G) bool, (B,), (B, F) -> (B, G, D)."""
+        """The modulated tokens the value decoder reads: (B, G), (B, G) bool, (B,), (B, F) -> (B, P + G, D), with
+        the backbone's ``n_prefix`` = P leading non-gene tokens (CellFM's and scGPT's cls; 0 for the embedded one)."""
         c = self.condition(feats, t)
         h = self.backbone.embed(x_t, self.gene_idx, visible)
         mods = zip(self.mod_attn, self.mod_ffn) if self.mod_attn is not None else itertools.repeat((None, None))
@@ -149,7 +150,8 @@ class HINGE(nn.Module):
         if self.sd_head is None:
             raise ValueError("this HINGE network has no predictive head (predictive='none')")
         h = self.hidden(x_t, visible, t, feats)
-        return self.decoder(h), F.softplus(self.sd_head(h.detach()).squeeze(-1)) + 1e-3
+        genes = h[:, getattr(self.backbone, "n_prefix", 0):]  # CellFM/scGPT put a cls token first: not a gene
+        return self.decoder(h), F.softplus(self.sd_head(genes.detach()).squeeze(-1)) + 1e-3
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
