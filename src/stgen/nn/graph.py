@@ -134,7 +134,7 @@ def build_spot_graph(xy, feats, sigma_px: float = 224.0, k: int = 32) -> SpotGra
     return SpotGraph(nbrs, edge_attr, torch.ones(n, kk, dtype=torch.bool))
 
 
-__all__ = ["SpotGraph", "build_spot_graph", "spot_spacing"]
+__all__ = ["SpotGraph", "build_spot_graph", "spot_spacing", "neighbour_mean"]
 
 
 class EdgeBiasedGraphAttention(nn.Module):
@@ -175,3 +175,43 @@ def spot_spacing(xy: np.ndarray) -> float:
     d = np.where(d > 0, d, np.inf).min(1)
     d = d[np.isfinite(d)]
     return float(np.median(d)) if len(d) else 1.0
+
+
+def neighbour_mean(values: np.ndarray, xy: np.ndarray, radius: float = 1.5) -> np.ndarray:
+    """Mean of ``values`` over each spot's spatial neighbours: the regional context of a spot.
+
+    ``values`` (N, F) (e.g. encoder features), ``xy`` (N, 2) spot centres in full-resolution pixels. Spot
+    ``j != i`` is a neighbour of ``i`` when ``|xy_j - xy_i| <= radius * pitch``, with ``pitch`` the median
+    distance from a spot to its nearest other spot at a positive distance; ``radius`` 1.5 takes the first
+    ring (8 spots of a square ST array, 6 of a hexagonal Visium one). A spot without neighbours (an
+    isolated spot, a one-spot section) keeps its own row. Returns (N, F) float32. Neighbour pairs come from a
+    k-d tree (:class:`scipy.spatial.cKDTree`), so memory is linear in the spots.
+
+    Raises InputError for a shape mismatch, NaN/infinite coordinates or ``radius <= 0``.
+    """
+    from scipy import sparse
+    from scipy.spatial import cKDTree
+
+    v = np.asarray(values, dtype=np.float32)
+    xy_t = _as_matrix(xy, "spot coordinates xy", 2).numpy()
+    n = len(xy_t)
+    if v.ndim != 2 or len(v) != n:
+        raise InputError(f"neighbour_mean: values must be ({n}, F) for {n} spots, got {v.shape}")
+    if not (np.isfinite(radius) and radius > 0):
+        raise InputError(f"neighbour radius must be a positive number of spot pitches, got {radius!r}")
+    if n < 2:
+        return v.copy()
+    tree = cKDTree(xy_t)
+    d, _ = tree.query(xy_t, k=min(n, 9))
+    d = np.where(d[:, 1:] > 0, d[:, 1:], np.inf).min(1)
+    d = d[np.isfinite(d)]
+    if not len(d):  # every spot at one position
+        return v.copy()
+    pairs = tree.query_pairs(float(radius) * float(np.median(d)), output_type="ndarray")
+    i = np.concatenate([pairs[:, 0], pairs[:, 1]])
+    j = np.concatenate([pairs[:, 1], pairs[:, 0]])
+    adj = sparse.csr_matrix((np.ones(len(i), dtype=np.float32), (i, j)), shape=(n, n))
+    deg = np.asarray(adj.sum(1)).ravel()
+    out = np.asarray(adj @ v) / np.maximum(deg, 1.0)[:, None]
+    out[deg == 0] = v[deg == 0]
+    return out.astype(np.float32)

@@ -180,8 +180,11 @@ class _PartialRun:
 
 
 #: ``hinge`` fields read by HINGE alone (sampler, predictive head) and the values other models' hashes keep
-HINGE_ONLY = ("steps", "samples", "predictive", "reveal", "sd_scale")
+HINGE_ONLY = ("steps", "samples", "predictive", "reveal", "sd_scale", "context_radii", "grad_clip", "feat_dropout")
 HINGE_ONLY_AS_HASHED = {"steps": 5, "samples": 10}
+#: ``hinge`` fields added after the predictive head, at the value every earlier run was trained with: at that
+#: value they stay out of HINGE's hash too, so runs (and the shipped zoo run) keep their identity
+HINGE_ADDED_AS_BEFORE = {"context_radii": [], "grad_clip": None, "feat_dropout": 0.0}
 
 
 def config_hash(cfg: StgenConfig, model: str, test_section: str) -> str:
@@ -199,6 +202,9 @@ def config_hash(cfg: StgenConfig, model: str, test_section: str) -> str:
     if not model.startswith("hinge"):  # HINGE's sampler and head train no other model: they enter other
         d["hinge"] = {**{k: v for k, v in d["hinge"].items() if k not in HINGE_ONLY},  # models' hashes at
                       **HINGE_ONLY_AS_HASHED}  # their values when those hashes were first computed
+    for k, before in HINGE_ADDED_AS_BEFORE.items():
+        if d["hinge"].get(k, before) == before:
+            d["hinge"].pop(k, None)
     for other in MODELS:
         if other != model and not spot_model(other).in_every_hash:
             d.pop(other, None)

@@ -16,14 +16,15 @@ ADAPTATIONS = ("hinge", "scratch", "decoder_tune", "lora")
 OBJECTIVES = ("mask", "gauss")
 #: the fields that define the adapter network (stored in run.json; the rest is training and sampling)
 ARCH_FIELDS = ("cond_dim", "time_dim", "soft_norm", "identity_init", "gate", "adaptation", "lora_rank",
-               "lora_alpha", "objective", "predictive")
+               "lora_alpha", "objective", "predictive", "context_radii")
 PREDICTIVES = ("gaussian", "none")
 REVEALS = ("mean", "sample")
 #: what the ``hinge-paper`` model (:class:`~stgen.models.hinge.model.HingePaperModel`) sets: HINGE as
 #: published (no predictive head, prediction revealed, 10 samples of K = 5); every other field as ``hinge``
-PAPER_PRESET = {"predictive": "none", "reveal": "mean", "steps": 5, "samples": 10, "sd_scale": 1.0}
-#: the architecture a run saved before the predictive head existed was trained with
-LEGACY_ARCH = {"predictive": "none"}
+PAPER_PRESET = {"predictive": "none", "reveal": "mean", "steps": 5, "samples": 10, "sd_scale": 1.0,
+                "context_radii": []}
+#: the architecture a run saved before the predictive head (or the spatial context) existed was trained with
+LEGACY_ARCH = {"predictive": "none", "context_radii": []}
 
 
 @dataclass
@@ -36,7 +37,10 @@ class HingeConfig:
     ``adaptation`` ``hinge`` | ``scratch`` | ``decoder_tune`` | ``lora``; ``lora_rank``, ``lora_alpha``
     (update x ``alpha / r``, with ``adaptation="lora"``); ``objective`` ``mask`` (masked diffusion) |
     ``gauss`` (Gaussian diffusion); ``predictive`` ``gaussian`` (a per-gene predictive-sd head trained with
-    the Gaussian NLL beside the paper's loss, :mod:`stgen.models.hinge.network`) | ``none`` (the paper).
+    the Gaussian NLL beside the paper's loss, :mod:`stgen.models.hinge.network`) | ``none`` (the paper);
+    ``context_radii`` (spot pitches) - the condition also reads, per radius ``r``, the mean feature of the
+    spots within ``r`` pitches (:func:`stgen.nn.graph.neighbour_mean`), so ``phi`` sees
+    ``[v; v_ctx(r_1); ...; e_t]``; ``[]`` is the paper's single-patch condition.
 
     Sampler: ``steps`` (K), ``samples``, ``reveal`` ``mean`` (reveal x0_hat, the paper) | ``sample`` (reveal a
     draw from the predictive head), ``sd_scale`` (factor on the returned sd, a calibration chosen on nested
@@ -57,6 +61,8 @@ class HingeConfig:
     batch_size: int = 32
     milestones: list[int] = field(default_factory=lambda: [20, 30])
     gamma: float = 0.2
+    grad_clip: float | None = None  # clip the gradient norm at this value (None: no clipping, the paper)
+    feat_dropout: float = 0.0  # dropout on the standardised condition input while training (0: the paper)
     max_epochs: int = 50
     patience: int = 5
     es_warmup: int = 15  # early stopping only after this many epochs
@@ -92,6 +98,8 @@ class HingeConfig:
     # narrow (90% interval covered 0.70 of true values on the inner folds above); 1.6 gave an inner-fold mean
     # coverage_90 of 0.895 (1.63 solves 0.90). 1.0 leaves the sd as fitted (the paper's sample sd: hinge-paper)
     sd_scale: float = 1.6
+    # spatial context of the condition (spot pitches; [] = one patch, the paper): see benchmarks/hinge_context.py
+    context_radii: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         coerce_numbers(self, "hinge")
@@ -109,6 +117,20 @@ class HingeConfig:
             raise InputError(f"unknown HINGE reveal {self.reveal!r}; choose one of {REVEALS}")
         if not self.sd_scale > 0:
             raise InputError(f"hinge.sd_scale must be > 0, got {self.sd_scale!r}")
+        if not 0.0 <= self.feat_dropout < 1.0:
+            raise InputError(f"hinge.feat_dropout must be in [0, 1), got {self.feat_dropout!r}")
+        if self.grad_clip is not None:
+            try:
+                clip = float(self.grad_clip) if not isinstance(self.grad_clip, bool) else float("nan")
+            except (TypeError, ValueError):
+                clip = float("nan")
+            if not (clip > 0 and clip < float("inf")):
+                raise InputError(f"hinge.grad_clip must be a number > 0 or null, got {self.grad_clip!r}")
+            self.grad_clip = clip
+        if not isinstance(self.context_radii, (list, tuple)) or not all(
+                isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in self.context_radii):
+            raise InputError(f"hinge.context_radii must be a list of positive spot pitches, got {self.context_radii!r}")
+        self.context_radii = [float(r) for r in self.context_radii]
         if self.reveal == "sample" and self.predictive == "none":
             raise InputError("hinge.reveal: sample needs the predictive head (hinge.predictive: gaussian)")
 

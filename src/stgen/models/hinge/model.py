@@ -25,7 +25,24 @@ from stgen.models.base import (FeatureSettings, FitContext, SectionInput, SpotMo
 from stgen.models.hinge.config import HingeConfig
 from stgen.models.hinge.network import HINGE
 from stgen.models.hinge.training import train_hinge
+from stgen.nn.graph import neighbour_mean
 from stgen.sampling.masking import MaskSchedule, spot_keys
+
+
+def condition_inputs(section: SectionInput, radii: list[float]) -> np.ndarray:
+    """What HINGE's condition reads for each spot of ``section``: (N, F * (1 + len(radii))) float32.
+
+    The spot's own patch feature (N, F), then per radius ``r`` (spot pitches) the mean feature of the spots
+    of the same section within ``r`` pitches (:func:`stgen.nn.graph.neighbour_mean`: the regional context a
+    pathologist reads around a spot). ``radii = []`` returns the features as they are (the paper).
+    InputError when ``radii`` is set and the section has no pixel coordinates.
+    """
+    if not radii:
+        return section.feats
+    if section.xy is None:
+        raise InputError(f"section {section.name}: this HINGE run conditions on neighbouring spots "
+                         f"(hinge.context_radii {radii}) and needs the spots' pixel coordinates")
+    return np.concatenate([section.feats, *(neighbour_mean(section.feats, section.xy, r) for r in radii)], axis=1)
 
 
 class HingeModel(SpotModel):
@@ -52,7 +69,7 @@ class HingeModel(SpotModel):
         already restricted to the backbone vocabulary) over ``context.backbone``; returns (model, history)."""
         if context is None or context.backbone is None:
             raise InputError("hinge needs an expression backbone (FitContext.backbone)")
-        feats = np.concatenate([s.feats for s in train])
+        feats = np.concatenate([condition_inputs(s, cfg.context_radii) for s in train])
         targets = np.concatenate([s.targets for s in train])
         schedule = MaskSchedule(len(panel), cfg.T, cfg.schedule, cfg.zeta)
         torch.manual_seed(cfg.seed)  # the initial weights must not depend on what ran before (pre-training)
@@ -94,7 +111,8 @@ class HingeModel(SpotModel):
         else:  # refuses a backbone file whose content changed since the fit
             bb, _ = load_external_backbone(kind, Path(b["path"]), expect_sha256=b["sha256"])
         h = meta[cls.name]
-        net = HINGE(bb, meta["panel"], meta["feature_dim"], h["T"], HingeConfig.from_architecture(h["config"]))
+        arch = HingeConfig.from_architecture(h["config"])
+        net = HINGE(bb, meta["panel"], meta["feature_dim"] * (1 + len(arch.context_radii)), h["T"], arch)
         # adapter only with an external backbone: the frozen backbone comes from its own file
         load_state_strict(net, tensors, source, keep_prefix="backbone." if kind != "default" else None)
         return cls(net.eval(), h, b, cfg)
@@ -129,7 +147,8 @@ class HingeModel(SpotModel):
         net = self.net.to(dev)
         keys = {} if section.xy is None else {"spot_keys": spot_keys(section.xy)}
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-            mean, std = net.generate(torch.as_tensor(section.feats, dtype=torch.float32, device=dev), self.schedule,
+            inputs = condition_inputs(section, self.net.config.context_radii)
+            mean, std = net.generate(torch.as_tensor(inputs, dtype=torch.float32, device=dev), self.schedule,
                                      steps=steps, n_samples=samples, generator=gen, progress=progress,
                                      batch_size=batch_size, reveal=reveal, **keys)
         scale = float(self.meta.get("sd_scale", 1.0))  # runs saved before the calibration: the sd as sampled

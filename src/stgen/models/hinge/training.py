@@ -191,7 +191,7 @@ def train_hinge(
     module.data_sampler = sampler
     stopper = WarmupEarlyStopping(cfg.es_warmup, monitor="val_mse", mode="min", patience=cfg.patience)
     trainer = _trainer(cfg.max_epochs, callbacks=[stopper], progress=progress, precision=cfg.precision,
-                       distributed=True)
+                       gradient_clip_val=cfg.grad_clip, distributed=True)
     trainer.fit(module, train_dl, val_dl)
     module.restore_best(model)
     model.eval()

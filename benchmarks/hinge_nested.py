@@ -1,0 +1,109 @@
+"""HINGE configuration variants on nested leave-one-section-out folds (issue 15): choose defaults without
+the test section.
+
+    .venv/bin/python benchmarks/hinge_nested.py --outer C2 \\
+        --variant 'paper-context:{}' --variant 'context:{"context_radii": [1.5, 2.5]}' \\
+        [--inner B4,C3,C4,C5] [--out reports/hinge_nested] [--data DIR]
+
+Each ``--variant NAME:JSON`` is a set of ``hinge`` config overrides (JSON object) on top of the current
+defaults. Everything stays inside the training sections of the outer fold ``--outer`` (its test section is
+never read): for each inner section ``h`` of ``--inner`` (default: every imaged section except ``--outer``)
+every variant is fitted on the other inner sections (``data.train_sections``, HMHVG panel from those) and
+``h`` is predicted with the run's own sampler. Per variant and inner section it prints and writes
+(``OUT/nested.csv``; ``OUT/summary.csv`` holds the inner-fold means) PCC-50, PCC-200, MSE, MAE, GSC, SSC,
+``coverage_90``, ``width_90`` (:func:`stgen.evaluation.metrics.evaluate`, log2(count+1)), the fit seconds
+and the spots/s of the prediction. Fitted runs are kept in ``OUT/runs/<variant>/<h>`` and reused when the
+script runs again with the same configuration (the same config hash).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+METRICS = ("pcc50", "pcc200", "mse", "mae", "gsc", "ssc", "coverage_90", "width_90")
+
+
+def _variant(text: str) -> tuple[str, dict]:
+    name, sep, body = text.partition(":")
+    if not sep or not name:
+        raise SystemExit(f"--variant must be NAME:JSON, got {text!r}")
+    over = json.loads(body or "{}")
+    if not isinstance(over, dict):
+        raise SystemExit(f"--variant {name}: the overrides must be a JSON object, got {body!r}")
+    return name, over
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--outer", default="C2", help="outer test section, never read (default C2)")
+    ap.add_argument("--inner", default=None, help="comma-separated inner sections (default: the other imaged ones)")
+    ap.add_argument("--variant", action="append", required=True, help="NAME:JSON hinge overrides (repeatable)")
+    ap.add_argument("--model", default="hinge", help="hinge or hinge-paper (default hinge)")
+    ap.add_argument("--data", type=Path, default=None)
+    ap.add_argument("--cache", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=Path("reports/hinge_nested"))
+    args = ap.parse_args(argv)
+
+    from dataclasses import asdict
+
+    from stgen.data.her2st import read_section
+    from stgen.evaluation.metrics import evaluate
+    from stgen.models.base import SectionInput
+    from stgen.models.hinge.config import HingeConfig
+    from stgen.workflows.analysis import section_truth
+    from stgen.workflows.config import StgenConfig
+    from stgen.workflows.fit import fit
+    from stgen.workflows.inputs import section_features
+    from stgen.workflows.paths import default_cache_dir, default_data_dir
+    from stgen.workflows.rundir import load_run
+
+    data = args.data or default_data_dir()
+    cache = Path(args.cache or default_cache_dir())
+    imaged = ["B4", "C2", "C3", "C4", "C5"]
+    inner = args.inner.split(",") if args.inner else [s for s in imaged if s != args.outer]
+    if args.outer in inner:
+        raise SystemExit(f"--inner must not contain the outer test section {args.outer}")
+    variants = [_variant(v) for v in args.variant]
+    rows: list[dict] = []
+    for h in inner:
+        adata = read_section(data, h, require_image=True)
+        xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+        for name, over in variants:
+            cfg = StgenConfig()
+            cfg.hinge = HingeConfig(**{**asdict(cfg.hinge), **over})
+            cfg.data.train_sections = [s for s in inner if s != h]
+            run_dir = args.out / "runs" / name / h
+            t0 = time.perf_counter()
+            meta = fit(data, h, run_dir, model=args.model, cfg=cfg, cache_dir=cache, progress=False)
+            fit_s = meta.get("timings", {}).get("fit_total_s", time.perf_counter() - t0)
+            run = load_run(run_dir)
+            feats = section_features(adata, run.cfg, cache, progress=False)
+            truth, _ = section_truth(adata, list(run.panel), run.meta.get("units", "log2"))
+            t1 = time.perf_counter()
+            mean, sd = run.model.predict(SectionInput(h, xy, feats, None), run.features(False), seed=0)
+            dt = time.perf_counter() - t1
+            m = evaluate(mean, truth, list(run.panel), coords=xy, sd=sd)
+            row = {"variant": name, "inner": h, **{k: float(m[k]) for k in METRICS}, "fit_s": float(fit_s),
+                   "best_epoch": run.meta.get("training", {}).get("best_epoch"), "spots_per_s": len(feats) / dt}
+            rows.append(row)
+            print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                  flush=True)
+            args.out.mkdir(parents=True, exist_ok=True)
+            pd.DataFrame(rows).to_csv(args.out / "nested.csv", index=False)  # partial results survive
+    df = pd.DataFrame(rows)
+    summary = df.groupby("variant", sort=False).mean(numeric_only=True).reset_index()
+    summary["n_inner"] = df.groupby("variant", sort=False).size().values
+    summary.to_csv(args.out / "summary.csv", index=False)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(summary.round(4).to_string(index=False))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""HINGE's spatial context (``hinge.context_radii``): the condition reads the neighbours' features, a run
+keeps its context through save/load, the paper preset and older runs have none, and bad input is refused."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from model_fixtures import TINY, synthetic_sections
+
+from stgen.backbones.embedded import BackboneConfig, ExpressionBackbone
+from stgen.errors import InputError
+from stgen.models.base import FitContext, SectionInput
+from stgen.models.hinge.config import PAPER_PRESET, HingeConfig
+from stgen.models.hinge.model import HingeModel, HingePaperModel, condition_inputs
+from stgen.nn.graph import neighbour_mean
+from stgen.workflows.config import StgenConfig
+
+
+def _context(panel):
+    torch.manual_seed(0)
+    bcfg = BackboneConfig(dim=16, n_layers=2, n_heads=2, value_bins=8)
+    meta = {"kind": "default", "genes": list(panel), "config": bcfg.to_dict(), "panel_genes_dropped": []}
+    return FitContext(backbone=ExpressionBackbone(list(panel), bcfg).eval(), backbone_meta=meta, patch_px=16, seed=3)
+
+
+@pytest.fixture(scope="module")
+def fold(tmp_path_factory):
+    sections, fs, panel = synthetic_sections(tmp_path_factory.mktemp("hinge_ctx"), n_sections=3, side=5)
+    return sections[:2], sections[2], fs, panel
+
+
+def _fit(fold, radii, model_cls=HingeModel):
+    train, _, fs, panel = fold
+    cfg = replace(StgenConfig.from_dict(TINY).hinge, context_radii=radii)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return model_cls.fit(train, panel, cfg, fs, progress=False, context=_context(panel))[0], cfg
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_condition_inputs_append_one_neighbour_mean_per_radius(fold):
+    _, test, _, _ = fold
+    out = condition_inputs(test, [1.5, 2.5])
+    f = test.feats.shape[1]
+    assert out.shape == (test.n_spots, 3 * f)
+    np.testing.assert_array_equal(out[:, :f], test.feats)
+    np.testing.assert_allclose(out[:, f:2 * f], neighbour_mean(test.feats, test.xy, 1.5), rtol=1e-6)
+    np.testing.assert_allclose(out[:, 2 * f:], neighbour_mean(test.feats, test.xy, 2.5), rtol=1e-6)
+    assert condition_inputs(test, []) is test.feats
+    with pytest.raises(InputError, match="needs the spots' pixel coordinates"):
+        condition_inputs(SectionInput("X", None, test.feats), [1.5])
+
+
+def test_a_context_run_reads_its_neighbours_and_keeps_its_context_through_save_and_load(fold, tmp_path):
+    """Changing only the neighbours' features changes a spot's prediction with context, not without it."""
+    _, test, fs, _ = fold
+    ctx, cfg = _fit(fold, [1.5])
+    paper, _ = _fit(fold, [])
+    assert ctx.net.phi[0].in_features == paper.net.phi[0].in_features + test.feats.shape[1]
+    centre = 12  # (2, 2) of the 5 x 5 grid
+    d = np.linalg.norm(test.xy - test.xy[centre], axis=1)
+    ring = (d > 0) & (d < 1.5 * np.median(np.sort(d)[1:5]))
+    moved = test.feats.copy()
+    moved[ring] = moved[ring] + 3.0 * test.feats.std(0)
+    other = SectionInput("moved", test.xy, moved)
+    for model, reads in ((ctx, True), (paper, False)):
+        a = model.predict(test, fs, seed=1)[0][centre]
+        b = model.predict(other, fs, seed=1)[0][centre]
+        assert (not np.allclose(a, b, atol=1e-6)) == reads
+    _, _, _, panel = fold
+    run_meta = {"model": "hinge", "panel": panel, "feature_dim": int(test.feats.shape[1]), "hinge": ctx.save(tmp_path),
+                **ctx.run_entries()}
+    loaded = HingeModel.load(tmp_path, run_meta, cfg)
+    assert loaded.net.config.context_radii == [1.5]
+    np.testing.assert_allclose(loaded.predict(test, fs, seed=2)[0], ctx.predict(test, fs, seed=2)[0], atol=1e-6)
+    with pytest.raises(InputError, match="needs the spots' pixel coordinates"):
+        ctx.predict(SectionInput("no-xy", None, test.feats), fs)
+
+
+def test_the_paper_preset_and_older_runs_have_no_context(fold):
+    assert PAPER_PRESET["context_radii"] == [] and HingeConfig(context_radii=[2.0]).paper().context_radii == []
+    paper, _ = _fit(fold, [1.5], HingePaperModel)  # hinge-paper ignores the section's context setting
+    assert paper.net.config.context_radii == [] and paper.meta["config"]["context_radii"] == []
+    arch = {k: v for k, v in paper.meta["config"].items() if k not in ("context_radii", "predictive")}
+    assert HingeConfig.from_architecture(arch).context_radii == []  # a run.json written before the field
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("context_radii", [1.5, 0.0], "context_radii"), ("context_radii", 1.5, "context_radii"),
+    ("context_radii", [True], "context_radii"), ("grad_clip", 0, "grad_clip"), ("grad_clip", "x", "grad_clip"),
+    ("grad_clip", True, "grad_clip")])
+def test_bad_context_and_clip_values_are_refused(field, value, match):
+    with pytest.raises(InputError, match=match):
+        HingeConfig(**{field: value})
+    assert HingeConfig(grad_clip="1.0").grad_clip == 1.0 and HingeConfig(context_radii=[2]).context_radii == [2.0]
