@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from nested import add_nested_options, nested_setup
 
 METRICS = ("pcc50", "pcc200", "mse", "mae", "gsc", "ssc", "coverage_90", "width_90")
 
@@ -41,13 +42,9 @@ def _variant(text: str) -> tuple[str, dict]:
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--outer", default="C2", help="outer test section, never read (default C2)")
-    ap.add_argument("--inner", default=None, help="comma-separated inner sections (default: the other imaged ones)")
+    add_nested_options(ap, "reports/hinge_nested")
     ap.add_argument("--variant", action="append", required=True, help="NAME:JSON hinge overrides (repeatable)")
     ap.add_argument("--model", default="hinge", help="hinge or hinge-paper (default hinge)")
-    ap.add_argument("--data", type=Path, default=None)
-    ap.add_argument("--cache", type=Path, default=None)
-    ap.add_argument("--out", type=Path, default=Path("reports/hinge_nested"))
     args = ap.parse_args(argv)
 
     from dataclasses import asdict
@@ -60,15 +57,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     from stgen.workflows.config import StgenConfig
     from stgen.workflows.fit import fit
     from stgen.workflows.inputs import section_features
-    from stgen.workflows.paths import default_cache_dir, default_data_dir
     from stgen.workflows.rundir import load_run
 
-    data = args.data or default_data_dir()
-    cache = Path(args.cache or default_cache_dir())
-    imaged = ["B4", "C2", "C3", "C4", "C5"]
-    inner = args.inner.split(",") if args.inner else [s for s in imaged if s != args.outer]
-    if args.outer in inner:
-        raise SystemExit(f"--inner must not contain the outer test section {args.outer}")
+    data, cache, inner = nested_setup(args)
     variants = [_variant(v) for v in args.variant]
     rows: list[dict] = []
     for h in inner:

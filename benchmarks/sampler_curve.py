@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from nested import add_nested_options, nested_setup
 
 
 def _ints(s: str) -> list[int]:
@@ -37,15 +38,11 @@ def _ints(s: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--outer", default="C2", help="outer test section, never read (default C2)")
-    ap.add_argument("--inner", default=None, help="comma-separated inner sections (default: the other imaged ones)")
+    add_nested_options(ap, "reports/sampler_curve")
     ap.add_argument("--ks", default="1,2,3,5")
     ap.add_argument("--samples", default="1,2,5,10")
     ap.add_argument("--reveals", default="mean,sample")
     ap.add_argument("--max-sample-draws", type=int, default=5, help="largest S for reveal 'sample' (default 5)")
-    ap.add_argument("--data", type=Path, default=None)
-    ap.add_argument("--cache", type=Path, default=None)
-    ap.add_argument("--out", type=Path, default=Path("reports/sampler_curve"))
     args = ap.parse_args(argv)
 
     from stgen.evaluation.metrics import Z90, evaluate
@@ -56,16 +53,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     from stgen.workflows.config import StgenConfig
     from stgen.workflows.fit import fit
     from stgen.workflows.inputs import section_features
-    from stgen.workflows.paths import default_cache_dir, default_data_dir
     from stgen.workflows.rundir import load_run
     import torch
 
-    data = args.data or default_data_dir()
-    cache = Path(args.cache or default_cache_dir())
-    imaged = ["B4", "C2", "C3", "C4", "C5"]
-    inner = args.inner.split(",") if args.inner else [s for s in imaged if s != args.outer]
-    if args.outer in inner:
-        raise SystemExit(f"--inner must not contain the outer test section {args.outer}")
+    data, cache, inner = nested_setup(args)
     ks, s_list, reveals = _ints(args.ks), _ints(args.samples), args.reveals.split(",")
     rows = []
     for h in inner:

@@ -69,6 +69,17 @@ def synthetic_sections(tmp_path: Path, n_sections: int = 3, side: int = 6, n_gen
     return sections, fs, [f"G{i}" for i in range(n_genes)]
 
 
+def backbone_context(panel: list[str]) -> "FitContext":
+    """A FitContext with a tiny embedded backbone over ``panel`` (seeded), for models that ``needs_backbone``."""
+    from stgen.backbones.embedded import BackboneConfig, ExpressionBackbone
+    from stgen.models.base import FitContext
+
+    torch.manual_seed(0)
+    bcfg = BackboneConfig(dim=16, n_layers=2, n_heads=2, value_bins=8)
+    meta = {"kind": "default", "genes": list(panel), "config": bcfg.to_dict(), "panel_genes_dropped": []}
+    return FitContext(backbone=ExpressionBackbone(list(panel), bcfg).eval(), backbone_meta=meta, patch_px=16, seed=3)
+
+
 # ------------------------------------------------------------------ shared checks of the SpotModel tests
 def fit_one_thread(cls: type[SpotModel], train: list[SectionInput], panel: list[str], cfg, features: FeatureSettings):
     """``cls.fit(..., progress=False)`` on one intra-op thread, for module-scoped fixtures (``one_thread`` is

@@ -11,9 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from model_fixtures import TINY, synthetic_sections
+from model_fixtures import TINY, backbone_context, synthetic_sections
 
-from stgen.backbones.embedded import BackboneConfig, ExpressionBackbone
 from stgen.models.base import FitContext, SpotModel
 from stgen.models.registry import GENERATIVE, MODELS, spot_model
 from stgen.workflows.config import StgenConfig
@@ -22,10 +21,7 @@ from stgen.workflows.config import StgenConfig
 def _context(cls: type[SpotModel], panel: list[str]) -> FitContext:
     if not cls.needs_backbone:
         return FitContext(patch_px=16, seed=3)
-    torch.manual_seed(0)
-    bcfg = BackboneConfig(dim=16, n_layers=2, n_heads=2, value_bins=8)
-    meta = {"kind": "default", "genes": list(panel), "config": bcfg.to_dict(), "panel_genes_dropped": []}
-    return FitContext(backbone=ExpressionBackbone(list(panel), bcfg).eval(), backbone_meta=meta, patch_px=16, seed=3)
+    return backbone_context(panel)
 
 
 @pytest.fixture(scope="module")

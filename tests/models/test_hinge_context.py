@@ -8,22 +8,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from model_fixtures import TINY, synthetic_sections
+from model_fixtures import TINY, backbone_context, synthetic_sections
 
-from stgen.backbones.embedded import BackboneConfig, ExpressionBackbone
 from stgen.errors import InputError
-from stgen.models.base import FitContext, SectionInput
+from stgen.models.base import SectionInput
 from stgen.models.hinge.config import PAPER_PRESET, HingeConfig
 from stgen.models.hinge.model import HingeModel, HingePaperModel, condition_inputs
 from stgen.nn.graph import neighbour_mean
 from stgen.workflows.config import StgenConfig
-
-
-def _context(panel):
-    torch.manual_seed(0)
-    bcfg = BackboneConfig(dim=16, n_layers=2, n_heads=2, value_bins=8)
-    meta = {"kind": "default", "genes": list(panel), "config": bcfg.to_dict(), "panel_genes_dropped": []}
-    return FitContext(backbone=ExpressionBackbone(list(panel), bcfg).eval(), backbone_meta=meta, patch_px=16, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +30,7 @@ def _fit(fold, radii, model_cls=HingeModel):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return model_cls.fit(train, panel, cfg, fs, progress=False, context=_context(panel))[0], cfg
+        return model_cls.fit(train, panel, cfg, fs, progress=False, context=backbone_context(panel))[0], cfg
     finally:
         torch.set_num_threads(n)
 

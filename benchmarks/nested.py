@@ -1,0 +1,29 @@
+"""Nested leave-one-section-out folds for the benchmark scripts that choose defaults (sampler_curve.py,
+hinge_nested.py): the options they share and the inner sections of an outer fold, whose test section is
+never read."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+IMAGED = ("B4", "C2", "C3", "C4", "C5")
+
+
+def add_nested_options(ap: argparse.ArgumentParser, out: str) -> None:
+    """``--outer``, ``--inner``, ``--data``, ``--cache`` and ``--out`` (default ``out``)."""
+    ap.add_argument("--outer", default="C2", help="outer test section, never read (default C2)")
+    ap.add_argument("--inner", default=None, help="comma-separated inner sections (default: the other imaged ones)")
+    ap.add_argument("--data", type=Path, default=None)
+    ap.add_argument("--cache", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=Path(out))
+
+
+def nested_setup(args: argparse.Namespace) -> tuple[Path, Path, list[str]]:
+    """``(data folder, cache folder, inner sections)``; SystemExit if the inner sections hold the outer one."""
+    from stgen.workflows.paths import default_cache_dir, default_data_dir
+
+    inner = args.inner.split(",") if args.inner else [s for s in IMAGED if s != args.outer]
+    if args.outer in inner:
+        raise SystemExit(f"--inner must not contain the outer test section {args.outer}")
+    return Path(args.data or default_data_dir()), Path(args.cache or default_cache_dir()), inner
