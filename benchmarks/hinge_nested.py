@@ -11,7 +11,8 @@ never read): for each inner section ``h`` of ``--inner`` (default: every imaged 
 every variant is fitted on the other inner sections (``data.train_sections``, HMHVG panel from those) and
 ``h`` is predicted with the run's own sampler. Per variant and inner section it prints and writes
 (``OUT/nested.csv``; ``OUT/summary.csv`` holds the inner-fold means) PCC-50, PCC-200, MSE, MAE, GSC, SSC,
-``coverage_90``, ``width_90`` (:func:`stgen.evaluation.metrics.evaluate`, log2(count+1)), the fit seconds
+``coverage_90``, ``width_90`` (:func:`stgen.evaluation.metrics.evaluate`, log2(count+1)), ``sd_factor_90`` (the
+factor the returned sd would need for 90% coverage: ``hinge.sd_scale`` times it calibrates), the fit seconds
 and the spots/s of the prediction. Fitted runs are kept in ``OUT/runs/<variant>/<h>`` and reused when the
 script runs again with the same configuration (the same config hash).
 """
@@ -40,6 +41,14 @@ def _variant(text: str) -> tuple[str, dict]:
     return name, over
 
 
+def factor_for_mean_coverage(zs: list[np.ndarray], z90: float, target: float = 0.9) -> float:
+    """The factor ``f`` (0.3-4, step 0.005) on the sd at which the mean over folds of the share of
+    ``|error| / sd <= f * z90`` is closest to ``target``; ``zs`` holds each fold's ``|error| / sd``."""
+    grid = np.linspace(0.3, 4.0, 741)
+    cover = np.array([np.mean([np.mean(z <= f * z90) for z in zs]) for f in grid])
+    return float(grid[np.argmin(np.abs(cover - target))])
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_nested_options(ap, "reports/hinge_nested")
@@ -50,7 +59,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     from dataclasses import asdict
 
     from stgen.data.her2st import read_section
-    from stgen.evaluation.metrics import evaluate
+    from stgen.evaluation.metrics import Z90, evaluate
     from stgen.models.base import SectionInput
     from stgen.models.hinge.config import HingeConfig
     from stgen.workflows.analysis import section_truth
@@ -71,7 +80,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             cfg.data.train_sections = [s for s in inner if s != h]
             run_dir = args.out / "runs" / name / h
             t0 = time.perf_counter()
-            meta = fit(data, h, run_dir, model=args.model, cfg=cfg, cache_dir=cache, progress=False)
+            meta = fit(data, h, run_dir, model=args.model, cfg=cfg, cache_dir=cache, progress=False, resume=True)
             fit_s = meta.get("timings", {}).get("fit_total_s", time.perf_counter() - t0)
             run = load_run(run_dir)
             feats = section_features(adata, run.cfg, cache, progress=False)
@@ -80,9 +89,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             mean, sd = run.model.predict(SectionInput(h, xy, feats, None), run.features(False), seed=0)
             dt = time.perf_counter() - t1
             m = evaluate(mean, truth, list(run.panel), coords=xy, sd=sd)
-            row = {"variant": name, "inner": h, **{k: float(m[k]) for k in METRICS}, "fit_s": float(fit_s),
+            z = np.abs(truth - mean) / np.maximum(sd, 1e-6)  # the factor the returned sd needs for 90% coverage
+            row = {"variant": name, "inner": h, **{k: float(m[k]) for k in METRICS},
+                   "sd_factor_90": float(np.quantile(z, 0.9) / Z90), "fit_s": float(fit_s),
                    "best_epoch": run.meta.get("training", {}).get("best_epoch"), "spots_per_s": len(feats) / dt}
             rows.append(row)
+            (args.out / "z").mkdir(parents=True, exist_ok=True)  # |error| / sd per value: calibration post hoc
+            np.save(args.out / "z" / f"{name}_{h}.npy", z.astype(np.float32))
             print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                   flush=True)
             args.out.mkdir(parents=True, exist_ok=True)
@@ -90,6 +103,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     summary = df.groupby("variant", sort=False).mean(numeric_only=True).reset_index()
     summary["n_inner"] = df.groupby("variant", sort=False).size().values
+    # the one factor on the returned sd that gives a 90% inner-fold mean coverage (what hinge.sd_scale x it sets)
+    summary["sd_factor_for_mean_90"] = [
+        factor_for_mean_coverage([np.load(args.out / "z" / f"{v}_{h}.npy") for h in df.loc[df["variant"] == v, "inner"]],
+                                 Z90) for v in summary["variant"]]
     summary.to_csv(args.out / "summary.csv", index=False)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(summary.round(4).to_string(index=False))

@@ -35,7 +35,8 @@ def test_registry_names_all_and_unknown_models():
 def test_model_sections_only_enter_their_own_config_hash():
     base = StgenConfig()
     # computed before the benchmark models existed: cached hinge/ridge/flag runs stay valid
-    assert config_hash(base, "hinge", "C2") == "3316503edac332da"  # new HINGE defaults (issue 15: head, K=3, 2 draws)
+    # new HINGE defaults (issue 15: head, K=3, 2 draws; then spatial context, condition dropout, sd x1.83)
+    assert config_hash(base, "hinge", "C2") == "ebe02f754f2904f0"
     assert config_hash(base, "ridge", "C2") == "d8f8d1a6a846bb59"
     assert config_hash(base, "flag", "C2") == "b3da231317e03b6e"
     other = StgenConfig.from_dict({"stem": {"samples": 7}, "bleep": {"top_k": 3}})

@@ -101,7 +101,7 @@ def _golden_forward(config: HingeConfig | None) -> tuple[HINGE, torch.Tensor]:
     vis = torch.rand(4, 12, generator=g) < 0.5
     t = torch.randint(1, 11, (4,), generator=g)
     f = torch.randn(4, 6, generator=g)
-    return model, model(x * vis, vis, t, f)
+    return model, model.eval()(x * vis, vis, t, f)  # eval: hinge.feat_dropout acts in training only
 
 
 def test_default_config_gives_the_same_forward_as_before():
@@ -109,7 +109,8 @@ def test_default_config_gives_the_same_forward_as_before():
     # recorded with the pre-ablation code (same recipe, same seeds)
     assert out.sum().item() == pytest.approx(0.6686664819717407, abs=1e-5)
     assert out[0, :4].tolist() == pytest.approx(
-        [0.0684824213385582, 0.04266786575317383, -0.13249899446964264, -0.08454127609729767], abs=1e-6)
+        [0.0684824213385582, 0.04266786575317383, -0.13249899446964264, -0.08454127609729767],
+        abs=1e-5)  # float32 kernels differ across CPUs: 1.06e-6 off on one machine, also at the recording commit
     # the default adds only the predictive head (built last: every other weight draws as before)
     assert {k for k in model.state_dict() if not k.startswith("sd_head.")} == LEGACY_KEYS
     paper = HingeConfig(predictive="none")
@@ -128,7 +129,7 @@ def test_default_training_is_unchanged():
     feats, y = _toy()
     torch.manual_seed(5)
     cfg = HingeConfig(T=10, lr=3e-3, batch_size=16, max_epochs=3, es_warmup=3, curriculum_epochs=1,
-                      milestones=[100], val_fraction=0.2, val_steps=3, predictive="none")
+                      milestones=[100], val_fraction=0.2, val_steps=3, predictive="none", feat_dropout=0.0)
     model = HINGE(ExpressionBackbone(PANEL, CFG), PANEL, feat_dim=6, T=10, config=cfg)
     hist = train_hinge(model, feats.numpy(), y.numpy(), cfg, MaskSchedule(12, T=10), progress=False)
     m, s = model.generate(feats[:8], MaskSchedule(12, T=10), steps=3, n_samples=2,
@@ -373,7 +374,7 @@ def test_every_variant_saves_and_loads_through_a_run_directory(tmp_path):
     seen = set()
     for _, name, ov in all_variants():
         cfg = apply_override(StgenConfig(), ov, name)
-        cfg.hinge.T = 10
+        cfg.hinge.T, cfg.hinge.context_radii = 10, []  # the spot features alone (context: test_hinge_context)
         key = json.dumps(cfg.to_dict(), sort_keys=True)
         if key in seen:
             continue

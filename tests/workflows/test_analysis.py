@@ -24,7 +24,8 @@ from stgen.evaluation.metrics import evaluate
 from stgen.backbones.embedded import BackboneConfig, ExpressionBackbone
 from stgen.models.hinge.network import HINGE
 from stgen.models.hinge.config import HingeConfig
-from stgen.models.hinge.model import HingeModel
+from stgen.models.base import SectionInput
+from stgen.models.hinge.model import HingeModel, condition_inputs
 from stgen.workflows.rundir import TrainedRun, load_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,10 +39,12 @@ F_DIM, N_SPOTS, SAMPLES = 6, 20, 3
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _model(T: int, seed: int = 0) -> HINGE:
-    """Untrained HINGE whose modulation heads are perturbed so that histology matters."""
+def _model(T: int, seed: int = 0, radii: tuple[float, ...] = ()) -> HINGE:
+    """Untrained HINGE whose modulation heads are perturbed so that histology matters (``radii``: its spatial
+    context, so the condition reads ``F_DIM * (1 + len(radii))`` inputs)."""
     torch.manual_seed(seed)
-    net = HINGE(ExpressionBackbone(VOCAB, BB_CFG), PANEL, F_DIM, T, HingeConfig(cond_dim=16, time_dim=8))
+    net = HINGE(ExpressionBackbone(VOCAB, BB_CFG), PANEL, F_DIM * (1 + len(radii)), T,
+                HingeConfig(cond_dim=16, time_dim=8, context_radii=list(radii)))
     with torch.no_grad():
         for m in [*net.mod_attn, *net.mod_ffn, net.mod_dec]:
             m.head.weight.normal_(std=0.3)
@@ -53,7 +56,7 @@ def _cfg(T: int) -> StgenConfig:
     cfg = StgenConfig()
     cfg.hinge.T, cfg.hinge.steps, cfg.hinge.samples = T, 2, SAMPLES
     cfg.hinge.sample_batch_size = 16  # 20 spots x 3 samples -> 4 chunks, the last one partial
-    cfg.hinge.cond_dim, cfg.hinge.time_dim = 16, 8
+    cfg.hinge.cond_dim, cfg.hinge.time_dim, cfg.hinge.context_radii = 16, 8, []
     return cfg
 
 
@@ -66,8 +69,8 @@ def _meta(net: HINGE, T: int) -> dict:
                       "steps": 2, "samples": SAMPLES}}
 
 
-def _run(T: int = 10, seed: int = 0) -> TrainedRun:
-    net = _model(T, seed)
+def _run(T: int = 10, seed: int = 0, radii: tuple[float, ...] = ()) -> TrainedRun:
+    net = _model(T, seed, radii)
     meta, cfg = _meta(net, T), _cfg(T)
     return TrainedRun(meta, cfg, HingeModel(net, meta["hinge"], meta["backbone"], cfg.hinge))
 
@@ -113,6 +116,26 @@ def test_stepwise_table_and_final_state_equals_generate():
     ref_m = evaluate(ref, truth, PANEL)
     for m in SP.METRICS:
         assert df[f"state_{m}"].iloc[-1] == pytest.approx(ref_m[m], rel=1e-4, abs=1e-5)
+
+
+def test_step_analysis_of_a_context_run_reads_the_neighbours_from_coords():
+    """A run with a spatial context: the step-wise final state and the budget sweep equal predict with xy."""
+    run, (feats, truth) = _run(T=10, radii=(1.5,)), _data()
+    gx, gy = np.meshgrid(np.arange(5), np.arange(4))
+    coords = np.stack([gx.ravel(), gy.ravel()], 1).astype(float) * 200.0
+    assert len(coords) == N_SPOTS
+    _, final = A.stepwise_metrics(run, feats, truth, samples=2, seed=3, device="cpu", return_final=True,
+                                  coords=coords)
+    # HINGE.generate on the spots' condition inputs (own features + neighbour means) with the same seed
+    inputs = torch.as_tensor(condition_inputs(SectionInput("X1", coords, feats), [1.5]))
+    assert inputs.shape == (N_SPOTS, 2 * F_DIM)
+    ref, _ = run.model.net.generate(inputs, run.model.schedule, steps=10, n_samples=2, batch_size=16,
+                                    generator=torch.Generator().manual_seed(3))
+    np.testing.assert_allclose(final, ref.numpy(), rtol=1e-5, atol=1e-5)
+    df = A.budget_sweep(run, feats, truth, ks=(2,), samples=1, seed=0, device="cpu", coords=coords)
+    assert np.isfinite(df["pcc50"]).all()
+    with pytest.raises(InputError, match="pixel coordinates"):
+        A.stepwise_metrics(run, feats, truth, samples=1, device="cpu")
 
 
 def test_stepwise_fewer_steps_and_bad_inputs():

@@ -49,6 +49,8 @@ from stgen.sampling.masking import MaskSchedule, reverse_timesteps, sample_unmas
 from stgen.evaluation.metrics import evaluate_section
 from stgen.evaluation.sweep_plots import METRICS, SPATIAL_METRICS, _present, plot_budget, plot_horizon, plot_stepwise
 from stgen.models.base import autocast_dtype, sampling_device
+from stgen.models.base import SectionInput
+from stgen.models.hinge.model import condition_inputs
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +99,11 @@ def _scores(pred: np.ndarray, truth: np.ndarray, genes: Sequence[str], coords: A
     return {k: float(m[k]) for k in (*METRICS, *SPATIAL_METRICS) if k in m}
 
 
-def _predict_kwargs(batch_size: int | None, device: str | None, precision: str | None) -> dict:
-    kw = {"batch_size": batch_size, "device": device, "precision": precision}
+def _predict_kwargs(batch_size: int | None, device: str | None, precision: str | None, coords: Any = None) -> dict:
+    """Keyword arguments of :meth:`TrainedRun.predict`; ``coords`` (N, 2) become ``xy`` (a run with a spatial
+    context reads each spot's neighbours from them)."""
+    kw = {"batch_size": batch_size, "device": device, "precision": precision,
+          "xy": None if coords is None else np.asarray(coords, dtype=np.float64)}
     return {k: v for k, v in kw.items() if v is not None}
 
 
@@ -139,7 +144,8 @@ def stepwise_metrics(
         same values the final state equals ``run.predict(feats, samples, steps=T,
         seed)[0]`` (same random orders, same chunking of spots x samples).
     return_final : also return the final (N, G) mean prediction.
-    coords : (N, 2) spot centres; adds ``ssc`` to the scored metrics.
+    coords : (N, 2) spot centres (full-resolution pixels); adds ``ssc`` to the scored metrics, and is what a
+        run with a spatial context (``hinge.context_radii``) reads its neighbours from (InputError without).
 
     Returns
     -------
@@ -158,6 +164,8 @@ def stepwise_metrics(
     f_np = _feats(feats)
     n, g = f_np.shape[0], len(run.panel)
     y = _truth_matrix(run, truth, n)
+    # what the network's condition reads: with a spatial context (hinge.context_radii) the neighbours' features
+    f_np = condition_inputs(SectionInput("steps", coords, f_np), model.config.context_radii)
     steps = int(T or h["T"])
     ts = reverse_timesteps(schedule.T, steps)  # validates 1 <= steps <= T
     samples = int(samples or h["samples"])
@@ -277,10 +285,11 @@ def budget_sweep(
     f_np = _feats(feats)
     y = _truth_matrix(run, truth, f_np.shape[0])
     samples = int(samples or h["samples"])
-    kw = _predict_kwargs(batch_size, device, precision)
+    kw = _predict_kwargs(batch_size, device, precision, coords)
     ks = _valid_ks(ks, schedule.T)
     if warmup:
-        run.predict(f_np[: min(4, len(f_np))], samples=1, steps=1, seed=seed, **kw)
+        m = min(4, len(f_np))
+        run.predict(f_np[:m], samples=1, steps=1, seed=seed, **{**kw, **({"xy": kw["xy"][:m]} if "xy" in kw else {})})
     records = []
     for k in ks:
         mean, times = _timed_predict(run, f_np, repeats, samples=samples, steps=k, seed=seed, **kw)
@@ -327,7 +336,7 @@ def horizon_sweep(
     metrics, ``fit_s``, ``time_s`` and ``spots_per_s`` of the prediction.
     """
     f_np = _feats(feats)
-    kw = _predict_kwargs(batch_size, device, precision)
+    kw = _predict_kwargs(batch_size, device, precision, coords)
     records = []
     for T in Ts:
         T = int(T)
