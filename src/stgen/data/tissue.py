@@ -141,7 +141,8 @@ def lay_spot_grid(tissue: TissueMask, width: int, height: int, mpp: float, kind:
         microns (default: those of ``kind``).
     origin : full-resolution ``(x, y)`` of one lattice point (default: the
         top-left corner of the tissue's bounding box); predictions at a lattice
-        point equal those of a spot file listing the same position.
+        point equal those of a spot file listing the same position (and, for
+        a model with spatial context, the same neighbours).
     min_tissue : keep a spot when at least this share of its disc is tissue.
 
     Returns

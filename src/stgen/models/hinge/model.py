@@ -128,9 +128,15 @@ class HingeModel(SpotModel):
         the samples' sd; either is multiplied by the run's ``sd_scale`` (``hinge.sd_scale``; 1 for runs saved
         before it existed). ``reveal`` (default: the run's, ``mean`` for older runs) is ``mean`` or ``sample``.
 
+        A run with a spatial context (``hinge.context_radii``, the default) conditions each spot on its own
+        feature and the mean features of its neighbours within each radius (:func:`condition_inputs`), computed
+        over all spots of ``section``: predict a whole section (or slide) in one call, not spots one by one.
+        InputError when such a run gets no ``section.xy``.
+
         A spot's reveal orders follow from its pixel position (:func:`stgen.sampling.masking.spot_keys`), so
-        its samples do not depend on the other spots predicted with it (a bare-slide grid point equals the same
-        position in a spot file). ``device`` defaults to CUDA when available; ``precision`` (default: the
+        its random draws do not depend on the other spots predicted with it; with a spatial context its
+        condition does (its neighbours' features), so a bare-slide grid point equals the same position in a
+        spot file when the two list the same neighbours. ``device`` defaults to CUDA when available; ``precision`` (default: the
         training precision) ``bf16-mixed``/``16-mixed`` samples under autocast; ``batch_size`` is spots x
         samples per sampler batch (default ``hinge.sample_batch_size``)."""
         steps = steps or self.meta["steps"]
