@@ -125,7 +125,9 @@ def test_bare_slide_reproduces_spot_file_predictions(workdir):
     the grid points that coincide with real spots, the values of predicting with the spot file. Her2ST spots sit
     a median 17 px off a regular lattice, so a grid coincides with a spot only where it is anchored
     (--grid-origin): three grids, anchored at three different spots, are checked. HINGE samples per spot
-    position, so the sampled values agree too."""
+    position, so the sampled values agree too; with the default spatial context a spot also reads its
+    neighbours, so they agree exactly with a spot file listing the grid's own positions and closely with the
+    real (jittered) spots."""
     from stgen.data.her2st import estimate_mpp, read_spots
     from stgen.workflows.predict import predict
 
@@ -150,9 +152,21 @@ def test_bare_slide_reproduces_spot_file_predictions(workdir):
         assert abs(bare.n_obs / at_spots.n_obs - 1) < 0.2  # the tissue grid covers about as many spots
         pairs = [(i, spot_row[k]) for i, k in enumerate(key(bare.obsm["spatial"])) if k in spot_row]
         assert anchor in [j for _, j in pairs]
+        if anchor == 0:  # a spot file listing the grid's positions gives the grid's values, neighbours included
+            listed = workdir / "grid_spots.csv"
+            xy = bare.obsm["spatial"]
+            listed.write_text("barcode,pixel_x,pixel_y\n" + "".join(f"g{i},{x!r},{y!r}\n"
+                                                                   for i, (x, y) in enumerate(xy.tolist())))
+            same = predict(run, img, listed, workdir / "C2_grid_listed.h5ad", mpp=mpp, cache_dir=cache,
+                           progress=False)
+            np.testing.assert_allclose(same.X, bare.X, rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(same.layers["std"], bare.layers["std"], rtol=1e-4, atol=1e-4)
+        # against the real spots: the default HINGE reads its neighbours (hinge.context_radii), and the real
+        # neighbours sit ~17 px off the grid's (at the tissue edge some are missing), so the values agree more
+        # closely than those of a typical other spot, not exactly
         for i, j in pairs:
-            np.testing.assert_allclose(bare.X[i], at_spots.X[j], rtol=1e-4, atol=1e-4)
-            np.testing.assert_allclose(bare.layers["std"][i], at_spots.layers["std"][j], rtol=1e-4, atol=1e-4)
+            d = np.abs(at_spots.X - bare.X[i]).mean(1)
+            assert d[j] < np.median(d)
         # the grid sits on the tissue: most real spots have a grid point within half a spacing
         from scipy.spatial import cKDTree
 

@@ -90,3 +90,33 @@ def test_bad_context_and_clip_values_are_refused(field, value, match):
     with pytest.raises(InputError, match=match):
         HingeConfig(**{field: value})
     assert HingeConfig(grad_clip="1.0").grad_clip == 1.0 and HingeConfig(context_radii=[2]).context_radii == [2.0]
+
+
+def test_condition_dropout_is_drawn_from_the_step_generator_for_the_global_batch():
+    """feat_dropout: a dropped feature becomes its training mean (standardised 0), a kept one moves away from
+    the mean by 1 / (1 - p); the same generator state gives the same mask (DDP shares, resume replays it)."""
+    from stgen.backbones.embedded import BackboneConfig, ExpressionBackbone
+    from stgen.models.hinge.network import HINGE
+    from stgen.models.hinge.training import HingeModule
+    from stgen.sampling.masking import MaskSchedule
+
+    genes = [f"G{i}" for i in range(8)]
+    torch.manual_seed(0)
+    bb = ExpressionBackbone(genes, BackboneConfig(dim=16, n_layers=2, n_heads=2, value_bins=8))
+    feats = torch.randn(64, 10) * 2 + 1
+
+    def module(p):
+        cfg = HingeConfig(T=5, feat_dropout=p, context_radii=[])
+        net = HINGE(bb, genes, 10, 5, cfg)
+        net.set_feature_stats(feats.mean(0), feats.std(0))
+        return HingeModule(net, cfg, MaskSchedule(8, T=5))
+
+    assert module(0.0).drop_features(feats, torch.Generator().manual_seed(1)) is feats
+    m = module(0.25)
+    a = m.drop_features(feats, torch.Generator().manual_seed(1))
+    b = m.drop_features(feats, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    mean = m.model.feat_mean
+    dropped = torch.isclose(a, mean.expand_as(a))
+    assert 0.15 < dropped.float().mean() < 0.35
+    torch.testing.assert_close(a[~dropped], (mean + (feats - mean) / 0.75)[~dropped])

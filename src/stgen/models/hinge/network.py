@@ -91,7 +91,6 @@ class HINGE(nn.Module):
         self.register_buffer("feat_std", torch.ones(feat_dim), persistent=True)
         d, c = backbone.config.dim, config.cond_dim
         self.phi = nn.Sequential(nn.Linear(feat_dim + config.time_dim, c), nn.SiLU(), nn.Linear(c, c))
-        self.feat_dropout = nn.Dropout(config.feat_dropout)  # no weights: training only, off in eval()
         mk = lambda: SoftAdaLN(d, c, soft_norm=config.soft_norm, identity_init=config.identity_init,  # noqa: E731
                                gate=config.gate)
         if config.adaptation == "decoder_tune":  # histology enters only before the value decoder
@@ -121,9 +120,8 @@ class HINGE(nn.Module):
         self.feat_std.copy_(floored_std(std))
 
     def condition(self, feats: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``c_t = phi([v; e_t])``: (B, F), (B,) -> (B, cond_dim); in training mode ``v`` passes dropout at
-        ``config.feat_dropout`` (0 in the paper)."""
-        v = self.feat_dropout(((feats - self.feat_mean) / self.feat_std).clamp(-8.0, 8.0))
+        """``c_t = phi([v; e_t])``: (B, F), (B,) -> (B, cond_dim)."""
+        v = ((feats - self.feat_mean) / self.feat_std).clamp(-8.0, 8.0)
         return self.phi(torch.cat([v, timestep_embedding(t, self.config.time_dim, self.T)], dim=-1))
 
     def hidden(self, x_t: torch.Tensor, visible: torch.Tensor, t: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:

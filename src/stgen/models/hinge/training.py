@@ -30,7 +30,8 @@ class HingeModule(BestWeights, L.LightningModule):
     The objective follows ``model.config.objective`` (``mask`` | ``gauss``); with the predictive head
     (``predictive="gaussian"``) each entry's loss also gets the Gaussian NLL
     ``log sigma + (x0 - x0_hat)^2 / (2 sigma^2)`` with ``x0_hat`` detached, so the mean is trained as in the
-    paper and the head learns its error. For
+    paper and the head learns its error; with ``cfg.feat_dropout`` the condition input of training batches
+    passes dropout (:meth:`drop_features`). For
     ``gauss`` the curriculum keeps timesteps whose noise variance
     ``1 - abar_t`` is <= ``cfg.curriculum_max_ratio`` (the analogue of the mask ratio).
 
@@ -109,10 +110,24 @@ class HingeModule(BestWeights, L.LightningModule):
         t = t.to(dev)
         return x0 * visible, visible, t
 
+    def drop_features(self, feats: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Condition-input dropout (``cfg.feat_dropout`` = p; identity at 0, the paper): each feature of the
+        global batch (B, F) is set to its training mean with probability p (a standardised value of 0), the
+        others are pushed away from it by 1 / (1 - p): dropout on the standardised input, before the network's
+        +-8 clamp. The mask is drawn from the step's ``generator`` for the whole global batch, so several
+        processes and a resumed fit drop exactly what one uninterrupted process drops."""
+        p = float(self.cfg.feat_dropout)
+        if p <= 0:
+            return feats
+        keep = (torch.rand(feats.shape, generator=generator) >= p).to(feats.device, feats.dtype) / (1.0 - p)
+        mean = self.model.feat_mean.to(feats.dtype)
+        return mean + (feats - mean) * keep
+
     def training_step(self, batch, batch_idx):
         feats, x0 = batch  # the global batch (the same on every process)
         gen = torch.Generator().manual_seed(key_seed(self.cfg.seed, _CORRUPT, self.global_step))
         x_t, visible, t = self.corrupt(x0, self.current_epoch, generator=gen)
+        feats = self.drop_features(feats, gen)
         rank, world, n = self.global_rank, self.world, x0.shape[0]
         lo, hi = n * rank // world, n * (rank + 1) // world
         weight = 1.0
