@@ -36,7 +36,7 @@ ZOO_MODELS = ("hinge", "stflow", "ridge")
 #: Five-fold leave-one-section-out means on Her2ST with default settings (``stgen benchmark``, docs/results.md,
 #: "all models" table); shown by ``stgen models`` beside each shipped run of that model.
 BENCHMARK = {
-    "hinge": {"pcc50": 0.724, "pcc200": 0.659, "mse": 1.557, "gsc": 0.709, "ssc": 0.127},  # issue 15 defaults
+    "hinge": {"pcc50": 0.718, "pcc200": 0.651, "mse": 1.575, "gsc": 0.709, "ssc": 0.115},  # issue 15 defaults
     "stflow": {"pcc50": 0.694, "pcc200": 0.621, "mse": 1.522, "gsc": 0.749, "ssc": 0.267},
     "ridge": {"pcc50": 0.644, "pcc200": 0.569, "mse": 1.874, "gsc": 0.653, "ssc": 0.078},
 }
