@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from nested import add_nested_options, nested_setup
+from nested import add_nested_options, inner_means, nested_setup, print_row, write_summary
 
 METRICS = ("pcc50", "pcc200", "mse", "mae", "gsc", "ssc", "coverage_90", "width_90")
 
@@ -96,20 +96,16 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             rows.append(row)
             (args.out / "z").mkdir(parents=True, exist_ok=True)  # |error| / sd per value: calibration post hoc
             np.save(args.out / "z" / f"{name}_{h}.npy", z.astype(np.float32))
-            print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                  flush=True)
+            print_row(row)
             args.out.mkdir(parents=True, exist_ok=True)
             pd.DataFrame(rows).to_csv(args.out / "nested.csv", index=False)  # partial results survive
     df = pd.DataFrame(rows)
-    summary = df.groupby("variant", sort=False).mean(numeric_only=True).reset_index()
-    summary["n_inner"] = df.groupby("variant", sort=False).size().values
+    summary = inner_means(df, ["variant"], sort=False)
     # the one factor on the returned sd that gives a 90% inner-fold mean coverage (what hinge.sd_scale x it sets)
     summary["sd_factor_for_mean_90"] = [
         factor_for_mean_coverage([np.load(args.out / "z" / f"{v}_{h}.npy") for h in df.loc[df["variant"] == v, "inner"]],
                                  Z90) for v in summary["variant"]]
-    summary.to_csv(args.out / "summary.csv", index=False)
-    with pd.option_context("display.width", 200, "display.max_columns", 20):
-        print(summary.round(4).to_string(index=False))
+    write_summary(summary, args.out)
     return summary
 
 

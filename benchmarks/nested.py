@@ -27,3 +27,25 @@ def nested_setup(args: argparse.Namespace) -> tuple[Path, Path, list[str]]:
     if args.outer in inner:
         raise SystemExit(f"--inner must not contain the outer test section {args.outer}")
     return Path(args.data or default_data_dir()), Path(args.cache or default_cache_dir()), inner
+
+
+def print_row(row: dict) -> None:
+    """One result row as ``key=value`` pairs (floats to 4 decimals), flushed so partial runs keep it."""
+    print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+
+
+def inner_means(df, keys: list[str], sort: bool = True):
+    """Per setting ``keys`` (sorted, or in first-seen order): the mean of every numeric column over the inner
+    folds, and ``n_inner``."""
+    summary = df.groupby(keys, sort=sort).mean(numeric_only=True).reset_index()
+    summary["n_inner"] = df.groupby(keys, sort=sort).size().values
+    return summary
+
+
+def write_summary(summary, out: Path) -> None:
+    """``out/summary.csv`` and the table on stdout."""
+    import pandas as pd
+
+    summary.to_csv(out / "summary.csv", index=False)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(summary.round(4).to_string(index=False))

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from nested import add_nested_options, nested_setup
+from nested import add_nested_options, inner_means, nested_setup, print_row, write_summary
 
 
 def _ints(s: str) -> list[int]:
@@ -97,16 +97,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                                                       "width_90")},
                            "sd_scale_90": float(np.quantile(z, 0.9) / Z90), "spots_per_s": len(feats) / dt}
                     rows.append(row)
-                    print("  ".join(f"{k_}={v:.4f}" if isinstance(v, float) else f"{k_}={v}"
-                                    for k_, v in row.items()), flush=True)
+                    print_row(row)
         df = pd.DataFrame(rows)
         args.out.mkdir(parents=True, exist_ok=True)
         df.to_csv(args.out / "curve.csv", index=False)  # after every inner section: partial results survive
-    summary = df.groupby(["reveal", "K", "samples"]).mean(numeric_only=True).reset_index()
-    summary["n_inner"] = df.groupby(["reveal", "K", "samples"]).size().values
-    summary.to_csv(args.out / "summary.csv", index=False)
-    with pd.option_context("display.width", 200, "display.max_columns", 20):
-        print(summary.round(4).to_string(index=False))
+    summary = inner_means(df, ["reveal", "K", "samples"])
+    write_summary(summary, args.out)
     return summary
 
 
