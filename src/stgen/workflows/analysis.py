@@ -48,8 +48,7 @@ from stgen.utils.io import atomic_dir, write_json
 from stgen.sampling.masking import MaskSchedule, reverse_timesteps, sample_unmasking
 from stgen.evaluation.metrics import evaluate_section
 from stgen.evaluation.sweep_plots import METRICS, SPATIAL_METRICS, _present, plot_budget, plot_horizon, plot_stepwise
-from stgen.models.base import autocast_dtype, sampling_device
-from stgen.models.base import SectionInput
+from stgen.models.base import SectionInput, autocast_dtype, sampling_device
 from stgen.models.hinge.model import condition_inputs
 
 log = logging.getLogger(__name__)
