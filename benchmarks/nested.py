@@ -1,5 +1,5 @@
 """Nested leave-one-section-out folds for the benchmark scripts that choose defaults (sampler_curve.py,
-hinge_nested.py): the options they share and the inner sections of an outer fold, whose test section is
+nested_variants.py): the options they share and the inner sections of an outer fold, whose test section is
 never read."""
 
 from __future__ import annotations

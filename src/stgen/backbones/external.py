@@ -82,6 +82,53 @@ def load_external_backbone(kind: str, path: Path, expect_sha256: str | None = No
     return bb.eval(), meta
 
 
+def genes_in_vocabulary(backbone: nn.Module, genes: Sequence[str]) -> torch.Tensor:
+    """(G,) bool: which of ``genes`` the backbone's ``gene_index`` knows (its vocabulary, with its aliases)."""
+    known = []
+    for g in genes:
+        try:
+            backbone.gene_index([g])
+            known.append(True)
+        except InputError:
+            known.append(False)
+    return torch.tensor(known, dtype=torch.bool)
+
+
+@torch.no_grad()
+def contextual_gene_states(backbone: nn.Module, genes: Sequence[str], values: torch.Tensor,
+                           batch_size: int = 64) -> torch.Tensor:
+    """Per-spot contextual gene states: the backbone's last-layer gene tokens when it reads a spot's expression.
+
+    FLAG's GFM alignment targets (App. F.2.2, scGPT value-binned contextualisation, applied to any backbone here):
+    every gene of ``genes`` is visible with its value, the backbone runs to its last block and the gene tokens are
+    kept, special tokens (CellFM's and scGPT's cls) dropped.
+
+    Parameters
+    ----------
+    genes : G gene symbols, all in the backbone vocabulary (:func:`genes_in_vocabulary`; InputError otherwise).
+    values : (N, G) expression in the backbone's units (log2(count+1), as HINGE feeds it).
+    batch_size : spots per forward pass (memory).
+
+    Returns (N, G, E) float32 on the CPU, E the backbone width. The backbone is not changed (eval, no gradients).
+    """
+    values = torch.as_tensor(values, dtype=torch.float32)
+    if values.ndim != 2 or values.shape[1] != len(genes):
+        raise InputError(f"expression for contextual gene states must be (N, {len(genes)}), got {tuple(values.shape)}")
+    idx = backbone.gene_index(list(genes))
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        param = next(backbone.parameters())
+        out = []
+        for s in range(0, len(values), batch_size):
+            v = values[s : s + batch_size].to(param.device, param.dtype)
+            h = backbone.encode(v, idx.to(param.device), torch.ones_like(v, dtype=torch.bool))
+            out.append(h[:, h.shape[1] - len(genes):].float().cpu())  # gene tokens are last (cls first)
+    finally:
+        backbone.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, len(genes), backbone.config.dim)
+
+
 def gene_token_embeddings(backbone: nn.Module, genes: Sequence[str]) -> torch.Tensor:
     """The backbone's gene-token embedding rows of ``genes``: (G, E) float32, detached copy.
 

@@ -144,7 +144,9 @@ class SpotModel(ABC):
     them, so the benchmark runs it once per seed), ``config_cls`` (a dataclass
     of its hyper-parameters, the YAML section ``name``), ``needs_backbone``
     (the fit restricts the panel to the backbone's vocabulary and hands the
-    backbone in :class:`FitContext`), ``in_every_hash`` (its config section
+    backbone in :class:`FitContext`; with ``panel_from_backbone`` False the
+    panel keeps genes outside the vocabulary: FLAG, whose backbone only gives
+    alignment targets), ``in_every_hash`` (its config section
     enters every model's config hash: ``hinge`` and ``ridge``, the first two
     models, so that cached runs of every model keep their hashes), ``config_section`` (the YAML section it
     reads when not its ``name``: ``hinge-paper`` reads ``hinge``; see :meth:`section_of`).
@@ -155,6 +157,7 @@ class SpotModel(ABC):
     generative: ClassVar[bool] = False
     config_cls: ClassVar[type]
     needs_backbone: ClassVar[bool] = False
+    panel_from_backbone: ClassVar[bool] = True
     in_every_hash: ClassVar[bool] = False
     weights_file: ClassVar[str] = "model.safetensors"
     needs_xy: ClassVar[bool] = True

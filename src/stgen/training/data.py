@@ -23,8 +23,9 @@ class FlagCrops(torch.utils.data.Dataset):
     spot of a section drawn with probability proportional to its spot count
     (the whole section when it is smaller), as a dict ``feats (M, F)``, ``x0``
     (M, G) normalised targets, ``graph`` (the section graph restricted to the
-    crop, :meth:`SpotGraph.subgraph`) and ``loss_mask`` (M,) bool (training
-    spots; held-out validation spots stay in the crop and the graph). The
+    crop, :meth:`SpotGraph.subgraph`), ``loss_mask`` (M,) bool (training
+    spots; held-out validation spots stay in the crop and the graph) and, when
+    the section has them, ``align`` (M, G', E) contextual alignment targets. The
     crops come from one seeded generator (``num_workers=0``), or with ``keyed``
     item ``i`` is drawn from its own generator seeded by ``(seed, i)`` (FLAG,
     with the item keys of :class:`EpochSampler`: resumable, one crop stream per process).
@@ -52,5 +53,8 @@ class FlagCrops(torch.utils.data.Dataset):
             d2 = ((xy - xy[rng.integers(len(xy))]) ** 2).sum(1)
             idx = np.sort(np.argpartition(d2, self.crop - 1)[: self.crop])
         idx = torch.from_numpy(idx)
-        return {"feats": s["feats"][idx], "x0": s["x0"][idx], "graph": s["graph"].subgraph(idx),
+        item = {"feats": s["feats"][idx], "x0": s["x0"][idx], "graph": s["graph"].subgraph(idx),
                 "loss_mask": s["train_mask"][idx]}
+        if "align" in s:  # per-spot contextual alignment targets (FLAG)
+            item["align"] = s["align"][idx]
+        return item

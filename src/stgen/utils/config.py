@@ -7,16 +7,25 @@ from dataclasses import fields
 from stgen.errors import InputError
 
 
+#: annotations of optional numeric config fields -> a value of their number type
+OPTIONAL_NUMBERS = {"int|None": 0, "float|None": 0.0, "Optional[int]": 0, "Optional[float]": 0.0}
+
+
 def coerce_numbers(cfg: object, section: str) -> None:
     """Convert a config dataclass's numeric fields in place (YAML gives ``1e-3`` as a string).
 
     A field whose default is a float becomes ``float``; one whose default is an
     int must hold a whole number and becomes ``int``; InputError (a
     ValueError) naming ``section.field`` otherwise (a bool is not a number
-    here). Fields with a bool default are left alone.
+    here). An optional field (annotated ``int | None`` or ``float | None``)
+    may hold None and is coerced like its number type otherwise. Fields with
+    a bool default are left alone.
     """
     for f in fields(cfg):
         v, d = getattr(cfg, f.name), f.default
+        optional = OPTIONAL_NUMBERS.get(str(f.type).replace(" ", ""))
+        if optional is not None and d is None:
+            d = optional
         if v is None or isinstance(d, bool) or not isinstance(d, (int, float)):
             continue
         try:

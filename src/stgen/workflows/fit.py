@@ -42,11 +42,12 @@ log = logging.getLogger(__name__)
 
 
 def _panel_backbone(data_dir: Path, cfg: StgenConfig, cache_dir: Path, evaluated: Sequence[str], panel: list[str],
-                    progress: bool) -> tuple[torch.nn.Module, list[str], dict]:
-    """The backbone named by ``cfg.hinge.backbone`` and the panel restricted to its vocabulary.
+                    progress: bool, restrict: bool = True) -> tuple[torch.nn.Module, list[str], dict]:
+    """The backbone named by ``cfg.hinge.backbone`` and the panel restricted to its vocabulary (``restrict``;
+    otherwise kept whole: FLAG leaves the genes without a backbone token out of its alignment loss only).
 
     Returns ``(backbone, panel, meta)``; ``meta`` describes the backbone for
-    run.json, with ``panel_genes_dropped`` (panel genes missing from the vocabulary).
+    run.json, with ``panel_genes_dropped`` (panel genes missing from the vocabulary and dropped).
     """
     kind, bpath = parse_backbone_spec(cfg.hinge.backbone)
     if kind == "default":
@@ -56,6 +57,10 @@ def _panel_backbone(data_dir: Path, cfg: StgenConfig, cache_dir: Path, evaluated
     else:
         backbone, meta = load_external_backbone(kind, bpath)
     dropped = [g for g in panel if g not in backbone.gene_to_idx]
+    if not restrict:
+        meta["panel_genes_dropped"] = []
+        meta["panel_genes_outside_vocabulary"] = dropped
+        return backbone, panel, meta
     meta["panel_genes_dropped"] = dropped
     if dropped:
         log.warning("%d panel gene(s) are not in the %s backbone vocabulary and are dropped: %s",
@@ -147,11 +152,11 @@ def fit(
     meta: dict = {"model": model, "stgen_version": __version__, "test_section": test_section,
                   "train_sections": list(train), "units": cfg.data.transform}
     context = FitContext(patch_px=int(cfg.features.patch_px), seed=int(cfg.hinge.seed))
-    if cls.needs_backbone:  # HINGE's frozen prior; FLAG's GFM embeddings are its gene-token rows
+    if cls.needs_backbone:  # HINGE's frozen prior; FLAG's GFM alignment targets
         t0 = time.time()
         context.backbone, panel, context.backbone_meta = _panel_backbone(data_dir, cfg, cache_dir,
                                                                          [s for s in (test_section, *train) if s],
-                                                                         panel, progress)
+                                                                         panel, progress, cls.panel_from_backbone)
         timings["backbone_s"] = round(time.time() - t0, 1)
     if not panel:
         raise InputError("the gene panel is empty after intersecting with the backbone vocabulary")

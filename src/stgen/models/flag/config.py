@@ -12,6 +12,9 @@ from stgen.errors import InputError
 from stgen.sampling.vesde import VESDE
 from stgen.utils.config import check_divisible, coerce_numbers
 
+#: where the GFM alignment targets come from (FlagConfig.align_target)
+ALIGN_TARGETS = ("contextual", "static")
+
 #: the fields that define the network (stored in run.json; the rest is training and sampling)
 ARCH_FIELDS = ("dim", "graph_layers", "graph_heads", "dit_layers", "dit_heads", "mlp_ratio", "align_layer", "dropout",
                "knn", "sigma_min", "sigma_max")
@@ -21,17 +24,15 @@ ARCH_FIELDS = ("dim", "graph_layers", "graph_heads", "dit_layers", "dit_heads", 
 class FlagConfig:
     """FLAG model, VE-SDE and training (FLAG Sec. 3.4-3.6, App. G, Table 5).
 
-    The architecture is much smaller than Table 5 (graph 6 x 384, DiT 12 x 384)
-    so that one Her2ST fold (~2,000 training spots, 300 genes) trains in ~5 min
-    and a ~600-spot section predicts in ~1 min on a 2-core CPU: DiT attention
+    The architecture is much smaller than Table 5 (graph 6 x 384, DiT 12 x 384;
+    ``configs/flag-paper.yaml`` is that size, for a GPU) so that one Her2ST
+    fold (~2,400 training spots, 300 genes) trains in ~12 min and a ~600-spot
+    section predicts in well under a minute on a 2-core CPU: DiT attention
     over 300 gene tokens dominates the cost, so the DiT is 2 blocks x 32 wide
-    with 2 heads (fewer, wider heads run ~3x faster on CPU), and
-    steps x samples = 10 x 10 (200 denoiser calls) instead of 18 x 5. Measured
-    with one torch thread beside another job (synthetic 4 x 500 spots, 300
-    genes, 1280-d features): 0.38-0.42 s per training step (a 128-spot crop),
-    6-8 s per validation (2 Euler steps), 0.6-0.8 s per denoiser call on 600
-    spots: 3.7-4.2 min of training, ~2-2.5 min to predict a 600-spot section
-    (C2, 187 spots: 996 s of training and 44 s for 3 samples, both beside other jobs).
+    with 2 heads (fewer, wider heads run ~3x faster on CPU), trained for
+    4,000 steps, and the sampler is Euler (DDIM) with 5 steps x 10 samples (50
+    denoiser calls) instead of Heun's 18 x 5 (180). Measured costs:
+    ``benchmarks/flag_step_time.py`` and docs/results.md.
     Training uses random spatially contiguous crops (``crop_spots``) instead of
     whole sections for speed; prediction always runs on whole sections.
 
@@ -60,16 +61,31 @@ class FlagConfig:
     # held-out MSE at the target variance (0.40 -> 0.44), edm reached 0.03 (see stgen.sampling.vesde)
     loss_weighting: str = "edm"
     align_weight: float = 0.5  # weight of the GFM alignment loss (0: off)
+    # contextual: per-spot states of the backbone reading the spot's true expression (App. F, the paper) |
+    # static: the backbone's per-gene token rows, the same for every spot (the earlier stgen FLAG; an ablation)
+    align_target: str = "contextual"
     lr: float = 2e-3  # constant; Table 5: 1e-4 for far more steps, which barely moves in a 500-step budget
     weight_decay: float = 0.01  # AdamW (Table 5)
     grad_clip: float = 1.0  # gradient-norm clip (Table 5)
-    max_steps: int = 500  # optimiser steps, one crop (one noise level) each
-    val_every: int = 100  # steps between validations (best-validation weights are kept)
+    # optimiser steps, one crop (one noise level) each: ~12 min on 2 cores. Nested inner folds C5 and B4 (outer C2):
+    # 500 steps gave GSC 0.41 and SSC 0.08, 3,000 steps 0.62 and 0.29 with PCC-50 +0.024, and the validation MSE
+    # still fell at 2,500 steps; 4,000 is what fits the ~15 min per fold budget with validation
+    max_steps: int = 4000
+    val_every: int = 500  # steps between validations (best-validation weights are kept)
     crop_spots: int = 128  # train on random spatially contiguous crops of at most this many spots (speed)
     val_fraction: float = 0.1  # spots of each training section held out of the loss for validation
-    val_steps: int = 2  # Euler (= DDIM) steps of the validation generation (1 sample; Heun needs >= ~6 steps)
-    steps: int = 10  # default Heun steps at inference (2 steps denoiser calls per sample)
-    samples: int = 10  # averaged samples; on C2 PCC-50 0.475 (1 sample), 0.573 (3), 0.634 (10): FLAG samples are noisy
+    # validation generation: None = the inference sampler (``steps`` Heun steps, order 2), ``val_samples``
+    # averaged samples; a number = that many Euler (= DDIM) steps (the earlier, cheaper selection)
+    val_steps: int | None = None
+    val_samples: int = 1
+    # inference sampler of the probability-flow ODE: order 1 = Euler (the DDIM step, one denoiser call a step),
+    # 2 = Heun (the paper; two calls a step, overshoots when a step divides sigma by more than ~3). Chosen on
+    # nested folds inside fold C2's training sections (inner C5 and B4, benchmarks/flag_noise.py, docs/results.md):
+    # Euler with 5 steps had the higher inner-mean PCC-50 (0.664 against 0.629 for Heun with 10 steps, 3 samples)
+    # at a quarter of the denoiser calls, GSC 0.637 against 0.648 and SSC 0.309 against 0.344
+    order: int = 1
+    steps: int = 5
+    samples: int = 10  # averaged samples
     seed: int = 42
     precision: str = "32-true"  # Lightning precision for training (also used to sample)
 
@@ -87,6 +103,16 @@ class FlagConfig:
             raise InputError(f"flag.mlp_ratio must be > 0 and flag.dropout in [0, 1), "
                              f"got {self.mlp_ratio}, {self.dropout}")
         VESDE(self.sigma_min, self.sigma_max)  # validates the limits
+        if self.align_target not in ALIGN_TARGETS:
+            raise InputError(f"flag.align_target must be one of {ALIGN_TARGETS}, got {self.align_target!r}")
+        if self.val_steps is not None:
+            if self.val_steps < 1:
+                raise InputError(f"flag.val_steps must be >= 1 or null (the inference sampler), got {self.val_steps}")
+        if self.order not in (1, 2):
+            raise InputError(f"flag.order must be 1 (Euler = DDIM) or 2 (Heun), got {self.order!r}")
+        for name in ("steps", "samples", "val_samples"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"flag.{name} must be >= 1, got {getattr(self, name)!r}")
 
     def architecture(self) -> dict:
         """The network-defining fields (:data:`ARCH_FIELDS`) as a dict, as stored in ``run.json``."""

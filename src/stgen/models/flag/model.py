@@ -1,11 +1,13 @@
 """FLAG as a :class:`~stgen.models.base.SpotModel`: fit, weights, loading and whole-section sampling.
 
 The network is :class:`stgen.models.flag.network.FLAG` (spatial graph encoder + gene DiT on a VE-SDE),
-trained by :func:`stgen.models.flag.training.train_flag` and sampled with the Heun probability-flow sampler
-(:mod:`stgen.sampling.vesde`). ``run.json['flag']`` holds the architecture (``config``), the spot-graph
-settings (``sigma_px``, ``knn``), the default sampler (``steps``, ``samples``) and the GFM embedding width;
-``run.json['backbone']`` describes the backbone whose gene-token rows are the frozen GFM embeddings (they
-are inside ``model.safetensors``, so loading needs no backbone).
+trained by :func:`stgen.models.flag.training.train_flag` and sampled with the probability-flow sampler
+(:mod:`stgen.sampling.vesde`; Euler = DDIM by default, ``flag.order``). ``run.json['flag']`` holds the architecture (``config``), the spot-graph
+settings (``sigma_px``, ``knn``), the default sampler (``steps``, ``samples``), the GFM embedding width and
+where the alignment targets came from (``align_target``: ``contextual`` per-spot backbone states, or
+``static`` gene-token rows, stored inside ``model.safetensors``; runs saved before the field are static);
+``run.json['backbone']`` describes the backbone. Loading and predicting need no backbone: the targets are
+used in training only.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from stgen.backbones.external import gene_token_embeddings
+import logging
+
+from stgen.backbones.external import contextual_gene_states, gene_token_embeddings, genes_in_vocabulary
 from stgen.errors import InputError
 from stgen.models.base import (FeatureSettings, FitContext, SectionInput, SpotModel, autocast_dtype,
                                check_sampler_options, load_state_strict, read_weights,
@@ -25,6 +29,8 @@ from stgen.models.flag.config import FlagConfig
 from stgen.models.flag.network import FLAG
 from stgen.models.flag.training import train_flag
 from stgen.nn.graph import build_spot_graph
+
+log = logging.getLogger(__name__)
 
 
 def flag_graph_settings(cfg: FlagConfig, patch_px: int) -> dict:
@@ -46,6 +52,7 @@ class FlagModel(SpotModel):
     generative: ClassVar[bool] = True
     config_cls: ClassVar[type] = FlagConfig
     needs_backbone: ClassVar[bool] = True
+    panel_from_backbone: ClassVar[bool] = False  # genes outside the vocabulary stay, without alignment targets
     needs_xy: ClassVar[bool] = False  # checked in predict, with FLAG's own message
 
     def __init__(self, net: FLAG, meta: dict, backbone_meta: dict | None, cfg: FlagConfig) -> None:
@@ -54,18 +61,43 @@ class FlagModel(SpotModel):
     @classmethod
     def fit(cls, train: list[SectionInput], panel: list[str], cfg: FlagConfig, features: FeatureSettings,
             progress: bool = True, context: FitContext | None = None) -> tuple["FlagModel", dict]:
-        """Train on whole training sections (their spot graphs; crops of them per step); the GFM embeddings are
-        the backbone's gene-token rows of the panel (``context.backbone``). Returns (model, history)."""
+        """Train on whole training sections (their spot graphs; crops of them per step) with the GFM alignment
+        targets of ``cfg.align_target`` from the backbone ``context.backbone``: the contextual states of each
+        training spot's true expression, or the panel's gene-token rows. Panel genes outside the backbone
+        vocabulary get no target (left out of the alignment loss, a warning names how many); InputError when
+        none has one while ``align_weight > 0``. Returns (model, history)."""
         if context is None or context.backbone is None:
             raise InputError("flag needs an expression backbone for its GFM embeddings (FitContext.backbone)")
-        emb = gene_token_embeddings(context.backbone, panel)
+        bb = context.backbone
+        known = genes_in_vocabulary(bb, panel)
+        if cfg.align_weight > 0 and not bool(known.any()):
+            raise InputError(f"none of the {len(panel)} panel genes is in the backbone vocabulary, so FLAG has no "
+                             "alignment target: use a backbone that knows them, or flag.align_weight: 0")
+        if not bool(known.all()):
+            missing = [g for g, k in zip(panel, known.tolist()) if not k]
+            log.warning("FLAG: %d of %d panel genes are not in the backbone vocabulary and are left out of the GFM "
+                        "alignment loss (e.g. %s)", len(missing), len(panel), missing[:5])
+        genes = [g for g, k in zip(panel, known.tolist()) if k]
+        width = int(bb.config.dim)
+        states = None
         torch.manual_seed(cfg.seed)
-        net = FLAG(cfg, len(panel), train[0].feats.shape[1], emb)
+        if cfg.align_target == "static":
+            emb = torch.zeros(len(panel), width)
+            if genes:
+                emb[known] = gene_token_embeddings(bb, genes)
+            net = FLAG(cfg, len(panel), train[0].feats.shape[1], emb)
+        else:
+            net = FLAG(cfg, len(panel), train[0].feats.shape[1], align_dim=width if cfg.align_weight > 0 else None)
+            if cfg.align_weight > 0:  # float16 halves the memory of (N, G', E) per section; the loss is a cosine
+                states = [contextual_gene_states(bb, genes, torch.as_tensor(s.targets)[:, known]).half()
+                          for s in train]
         graph = flag_graph_settings(cfg, context.patch_px)
         sections = [(s.feats, s.xy, s.targets) for s in train]
-        history = train_flag(net, sections, cfg, graph_builder(graph), progress=progress)
-        meta = {"config": cfg.architecture(), "steps": cfg.steps, "samples": cfg.samples, **graph,
-                "embedding_dim": int(emb.shape[1]), "align_weight": cfg.align_weight,
+        history = train_flag(net, sections, cfg, graph_builder(graph), progress=progress, align_states=states,
+                             align_genes=torch.nonzero(known).squeeze(-1))
+        meta = {"config": cfg.architecture(), "steps": cfg.steps, "samples": cfg.samples, "order": cfg.order, **graph,
+                "embedding_dim": width if net.has_alignment else 0, "align_weight": cfg.align_weight,
+                "align_target": cfg.align_target, "align_genes": len(genes),
                 "n_trainable": sum(p.numel() for p in net.parameters() if p.requires_grad)}
         bmeta = dict(context.backbone_meta or {"kind": "default"})
         bmeta.pop("genes", None)  # not needed to load a FLAG run: the embeddings are in the model
@@ -87,17 +119,23 @@ class FlagModel(SpotModel):
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict, cfg: FlagConfig,
                    source: str = "model.safetensors") -> "FlagModel":
         fm = meta[cls.name]
-        emb = torch.zeros(len(meta["panel"]), fm["embedding_dim"]) if fm.get("embedding_dim") else None
-        net = FLAG(FlagConfig.from_architecture(fm["config"]), len(meta["panel"]), meta["feature_dim"], emb)
+        width = fm.get("embedding_dim") or None
+        arch = FlagConfig.from_architecture(fm["config"])
+        if fm.get("align_target", "static") == "static":  # runs saved before contextual alignment are static
+            emb = torch.zeros(len(meta["panel"]), width) if width else None
+            net = FLAG(arch, len(meta["panel"]), meta["feature_dim"], emb)
+        else:
+            net = FLAG(arch, len(meta["panel"]), meta["feature_dim"], align_dim=width)
         load_state_strict(net, tensors, source)
         return cls(net.eval(), fm, meta.get("backbone"), cfg)
 
     def predict(self, section: SectionInput, features: FeatureSettings, samples: int | None = None,
                 steps: int | None = None, seed: int = 0, progress: bool = False, batch_size: int | None = None,
                 device: str | None = None, precision: str | None = None, **options) -> tuple[np.ndarray, np.ndarray]:
-        """``(mean, sd)`` (N, G) over ``samples`` Heun samples (``steps`` steps) of the whole section at once
-        (its spot graph from ``section.xy``), target units. ``batch_size``: spots per DiT chunk (default:
-        all); ``device``/``precision`` as for HINGE."""
+        """``(mean, sd)`` (N, G) over ``samples`` probability-flow samples (``steps`` steps of the run's sampler
+        order: ``run.json['flag']['order']``, 1 = Euler/DDIM, 2 = Heun; runs saved before the field are Heun) of
+        the whole section at once (its spot graph from ``section.xy``), target units. ``batch_size``: spots per
+        DiT chunk (default: all); ``device``/``precision`` as for HINGE."""
         if section.xy is None:
             raise InputError("FLAG predicts whole sections from a spot graph: give the spots' pixel coordinates xy")
         steps = steps or self.meta["steps"]
@@ -112,7 +150,7 @@ class FlagModel(SpotModel):
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
             mean, std = net.generate(torch.as_tensor(section.feats, dtype=torch.float32, device=dev), graph,
                                      steps=steps, n_samples=samples, generator=gen, progress=progress,
-                                     batch_size=batch_size)
+                                     batch_size=batch_size, order=int(self.meta.get("order", 2)))
         return mean.float().cpu().numpy(), std.float().cpu().numpy()
 
 

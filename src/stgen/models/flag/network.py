@@ -30,17 +30,23 @@ Pieces and the part of the paper each one reproduces:
   tokens, ``Linear(c_in x_ig) + gene_emb_g``; DiT blocks with adaLN-Zero
   (shift/scale/gate regressed from ``c_i``, zero-initialised so that every
   block starts as the identity); final adaLN + linear to one scalar per gene;
-* GFM alignment (Sec. 3.5 eq. 8, Sec. 3.6 eq. 9): the gene tokens after DiT
-  block ``align_layer`` pass a small MLP projector to width ``E``; the loss is
-  ``mean_{i,g} (1 - cos(proj(h_ig), e_g))`` against frozen per-gene
-  embeddings ``e`` (a buffer, never an input at inference).
+* GFM alignment (Sec. 3.5 eq. 8, Sec. 3.6 eq. 9, App. F): the gene tokens
+  after DiT block ``align_layer`` pass a small MLP projector to width ``E``;
+  the loss is ``mean_{i,g} (1 - cos(proj(h_ig), e_ig))`` against the frozen
+  backbone's *contextual* state of gene ``g`` when it reads spot ``i``'s true
+  expression (``flag.align_target: contextual``, App. F.2.2, precomputed for
+  the training spots by :func:`stgen.backbones.external.contextual_gene_states`,
+  never an input at inference), or against the static per-gene token rows
+  ``e_g`` (``static``, an ablation; a buffer). Genes outside the backbone
+  vocabulary have no target and are left out of the mean (as F.2.1 masks
+  genes Geneformer does not return).
 
 Simplifications (stated, not hidden): the widths/depths are far smaller than
 Table 5 (graph 6 layers x 384, DiT 12 layers x 384) so that a fold trains on a
 CPU in minutes; graph attention is restricted to ``K`` nearest neighbours
-instead of the dense graph (exact when ``K >= N``); the GFM embeddings are the
-backbone's static gene-token rows (:func:`stgen.backbones.external.gene_token_embeddings`),
-not Geneformer's per-spot contextual states (App. F).
+instead of the dense graph (exact when ``K >= N``); the GFM is the run's
+expression backbone (embedded CellFM-architecture model, CellFM or scGPT), not
+Geneformer.
 """
 
 from __future__ import annotations
@@ -108,12 +114,15 @@ class FLAG(nn.Module):
     config : :class:`FlagConfig`.
     n_genes : panel size ``G``.
     feat_dim : image-feature width ``F``.
-    gene_embeddings : frozen GFM embeddings (G, E) of the panel genes (a
-        persistent buffer), or None for no alignment loss.
+    gene_embeddings : static GFM embeddings (G, E) of the panel genes (a
+        persistent buffer; rows of zeros = genes without one), or None.
+    align_dim : width ``E`` of contextual alignment targets (given to
+        :meth:`align_loss` per spot); ignored with ``gene_embeddings``. Neither:
+        no alignment projector and no alignment loss.
     """
 
     def __init__(self, config: FlagConfig, n_genes: int, feat_dim: int,
-                 gene_embeddings: torch.Tensor | None = None) -> None:
+                 gene_embeddings: torch.Tensor | None = None, align_dim: int | None = None) -> None:
         super().__init__()
         if n_genes < 1 or feat_dim < 1:
             raise InputError(f"FLAG needs at least one gene and one feature, got G={n_genes}, F={feat_dim}")
@@ -131,14 +140,18 @@ class FLAG(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(d, config.dit_heads, config.mlp_ratio, config.dropout)
                                     for _ in range(config.dit_layers))
         self.final = FinalLayer(d)
-        if gene_embeddings is None:
-            self.gene_embeddings, self.align_proj = None, None
-        else:
+        self.gene_embeddings, self.align_proj = None, None  # no static targets / no projector unless given
+        if gene_embeddings is not None:
+            del self.gene_embeddings
             e = torch.as_tensor(gene_embeddings, dtype=torch.float32)
             if e.ndim != 2 or e.shape[0] != n_genes:
                 raise InputError(f"gene_embeddings must have shape (G={n_genes}, E), got {tuple(e.shape)}")
             self.register_buffer("gene_embeddings", e.clone())
-            self.align_proj = nn.Sequential(nn.Linear(d, 2 * d), nn.SiLU(), nn.Linear(2 * d, e.shape[1]))
+            align_dim = e.shape[1]
+        elif align_dim is not None and int(align_dim) < 1:
+            raise InputError(f"align_dim must be >= 1, got {align_dim}")
+        if align_dim:
+            self.align_proj = nn.Sequential(nn.Linear(d, 2 * d), nn.SiLU(), nn.Linear(2 * d, int(align_dim)))
 
     # ------------------------------------------------------------ normalisation
     def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
@@ -216,14 +229,28 @@ class FLAG(nn.Module):
 
     @property
     def has_alignment(self) -> bool:
-        return self.gene_embeddings is not None
+        """True when the network has an alignment projector (static or contextual targets)."""
+        return self.align_proj is not None
 
-    def align_loss(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """GFM alignment (eq. 8): ``mean_{i, g} (1 - cos(proj(h_ig), e_g))`` for tokens ``h`` (N, G, d);
-        ``mask`` (N,) bool restricts the mean to some spots. Zero without embeddings."""
-        if self.gene_embeddings is None:
+    def align_loss(self, h: torch.Tensor, mask: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                   genes: torch.Tensor | None = None) -> torch.Tensor:
+        """GFM alignment (eq. 8): ``mean_{i, g} (1 - cos(proj(h_ig), e_ig))`` for tokens ``h`` (N, G, d).
+
+        ``targets``: contextual states (N, G', E) of the genes ``genes`` (G',) long (all G genes when None);
+        without ``targets`` the static buffer ``gene_embeddings`` (G, E) is the target of every spot, its
+        all-zero rows (genes without an embedding) left out. ``mask`` (N,) bool restricts the mean to some
+        spots. Zero without a projector or without any target."""
+        if self.align_proj is None or (targets is None and self.gene_embeddings is None):
             return h.new_zeros(())
-        cos = F.cosine_similarity(self.align_proj(h), self.gene_embeddings.to(h.dtype)[None], dim=-1, eps=1e-8)
+        if targets is None:
+            targets = self.gene_embeddings
+            genes = torch.nonzero(targets.abs().sum(-1) > 0).squeeze(-1) if genes is None else genes
+            targets = targets[genes][None]
+        if genes is not None:
+            if genes.numel() == 0:
+                return h.new_zeros(())
+            h = h[:, genes]
+        cos = F.cosine_similarity(self.align_proj(h), targets.to(h.dtype), dim=-1, eps=1e-8)
         return masked_mean(1.0 - cos, mask)
 
     # ------------------------------------------------------------ sampling

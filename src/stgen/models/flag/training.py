@@ -30,9 +30,13 @@ class FlagModule(BestWeights, L.LightningModule):
     graph encoder reads the neighbours' noisy states, which must be at the same
     level as at sampling time. The DSM term counts training spots only; the
     alignment term does not involve targets and uses every spot of the crop.
-    Validation generates every training section whole (``val_steps`` Euler =
-    DDIM steps, which unlike Heun are accurate with very few steps; one sample,
-    fixed noise) and scores the MSE, in target units, on its held-out spots.
+    With contextual alignment (``align_genes`` given, ``batch["align"]`` the
+    crop's backbone states) the alignment term counts training spots only: its
+    targets are computed from their true expression. Validation generates
+    every training section whole with the inference sampler (``steps`` steps
+    of order ``order``, ``val_samples`` samples averaged, fixed noise; or ``val_steps``
+    Euler = DDIM steps when set) and scores the MSE, in target units, on its
+    held-out spots: the weights kept are those whose *samples* are closest.
     The noise level and noise of step ``s`` on process ``r`` are drawn from
     ``key_seed(cfg.seed, s, r)`` (resumable; each process its own crop and noise).
     """
@@ -40,7 +44,7 @@ class FlagModule(BestWeights, L.LightningModule):
     step_buffers = ("_dsm", "_align")
     reseed_steps = True
 
-    def __init__(self, model: FLAG, cfg: FlagConfig) -> None:
+    def __init__(self, model: FLAG, cfg: FlagConfig, align_genes: torch.Tensor | None = None) -> None:
         super().__init__()
         if cfg.loss_weighting not in WEIGHTINGS:
             raise InputError(f"unknown flag.loss_weighting {cfg.loss_weighting!r}; choose one of {WEIGHTINGS}")
@@ -48,6 +52,7 @@ class FlagModule(BestWeights, L.LightningModule):
             raise InputError(f"flag.align_weight must be >= 0, got {cfg.align_weight}")
         self.model, self.cfg = model, cfg
         self.align = model.has_alignment and cfg.align_weight > 0
+        self.align_genes = align_genes
         self._dsm: list[float] = []
         self._align: list[float] = []
         self._val_sq = self._val_n = 0.0
@@ -62,7 +67,12 @@ class FlagModule(BestWeights, L.LightningModule):
         loss = dsm = dsm_loss(denoised, x0, sigma, self.model.sde, mask=batch["loss_mask"],
                               weighting=self.cfg.loss_weighting)
         self._dsm.append(float(dsm.detach()))
-        if self.align:
+        if self.align and "align" in batch:  # contextual targets read the true expression: training spots only
+            al = self.model.align_loss(tokens, mask=batch["loss_mask"], targets=batch["align"].to(tokens.dtype),
+                                       genes=self.align_genes.to(tokens.device))
+            loss = dsm + self.cfg.align_weight * al
+            self._align.append(float(al.detach()))
+        elif self.align:
             al = self.model.align_loss(tokens)
             loss = dsm + self.cfg.align_weight * al
             self._align.append(float(al.detach()))
@@ -74,8 +84,9 @@ class FlagModule(BestWeights, L.LightningModule):
         self._val_gen = torch.Generator().manual_seed(self.cfg.seed)
 
     def validation_step(self, batch, batch_idx):
-        mean, _ = self.model.generate(batch["feats"], batch["graph"], n_samples=1, steps=self.cfg.val_steps,
-                                      generator=self._val_gen, order=1)
+        steps, order = (self.cfg.steps, self.cfg.order) if self.cfg.val_steps is None else (self.cfg.val_steps, 1)
+        mean, _ = self.model.generate(batch["feats"], batch["graph"], n_samples=self.cfg.val_samples, steps=steps,
+                                      generator=self._val_gen, order=order)
         m = batch["val_mask"]
         self._val_sq += float(((mean[m] - batch["y"][m]) ** 2).sum())
         self._val_n += float(m.sum()) * mean.shape[1]
@@ -97,6 +108,8 @@ def train_flag(
     cfg: FlagConfig,
     graph_builder: Callable[[np.ndarray, np.ndarray], SpotGraph],
     progress: bool = True,
+    align_states: list[torch.Tensor] | None = None,
+    align_genes: torch.Tensor | None = None,
 ) -> dict:
     """Train ``model`` in place on whole training sections; returns the history.
 
@@ -106,6 +119,10 @@ def train_flag(
         pixels, targets (N, G) in target units, columns = the panel)``.
     graph_builder : ``(xy, feats) -> SpotGraph`` of a section
         (:func:`stgen.nn.graph.build_spot_graph` with the run's ``sigma_px``, ``knn``).
+    align_states : per section the contextual alignment targets (N, G', E) of
+        the genes ``align_genes`` (G',) long (panel columns with a backbone state;
+        :func:`stgen.backbones.external.contextual_gene_states`); None: the
+        network's static embeddings (or no alignment).
 
     ``val_fraction`` of the spots of every section are held out of the loss and
     scored after every ``val_every`` steps (``max_steps`` rounded up to whole
@@ -130,6 +147,12 @@ def train_flag(
         train_mask[torch.from_numpy(tr)] = True
         prepared.append({"feats": f, "y": y, "xy": np.asarray(xy, dtype=np.float64), "train_mask": train_mask,
                          "graph": graph_builder(xy, feats)})
+        if align_states is not None:
+            a = align_states[i]
+            if a.ndim != 3 or a.shape[0] != len(f) or align_genes is None or a.shape[1] != len(align_genes):
+                raise InputError(f"training section {i}: contextual alignment targets {tuple(a.shape)} must be "
+                                 f"({len(f)}, {0 if align_genes is None else len(align_genes)}, E)")
+            prepared[-1]["align"] = a
     f_tr = torch.cat([s["feats"][s["train_mask"]] for s in prepared])
     y_tr = torch.cat([s["y"][s["train_mask"]] for s in prepared])
     model.set_feature_stats(f_tr.mean(0), f_tr.std(0))
@@ -144,7 +167,7 @@ def train_flag(
                           sampler=sampler)
     val = [{"feats": s["feats"], "graph": s["graph"], "y": s["y"], "val_mask": ~s["train_mask"]}
            for s in prepared if not s["train_mask"].all()]
-    module = FlagModule(model, cfg)
+    module = FlagModule(model, cfg, align_genes if align_states is not None else None)
     module.data_sampler = sampler
     trainer = _trainer(rounds, progress=progress, precision=cfg.precision, gradient_clip_val=cfg.grad_clip,
                        distributed=True)

@@ -98,10 +98,10 @@ class HingeConfig:
     # predictive sd x sd_scale: the head is fitted on training sections, so on an unseen section it is too
     # narrow (90% interval covered 0.70 of true values on the inner folds above; 1.63 solved 0.90 without the
     # spatial context). With the context and dropout below, 1.83 solves an inner-fold mean coverage_90 of 0.90
-    # (benchmarks/hinge_nested.py). 1.0 leaves the sd as fitted (the paper's sample sd: hinge-paper)
+    # (benchmarks/nested_variants.py). 1.0 leaves the sd as fitted (the paper's sample sd: hinge-paper)
     sd_scale: float = 1.83
     # spatial context of the condition (spot pitches; [] = one patch, the paper). With feat_dropout 0.3, chosen on
-    # nested leave-one-section-out folds inside fold C2's training sections (benchmarks/hinge_nested.py, inner
+    # nested leave-one-section-out folds inside fold C2's training sections (benchmarks/nested_variants.py, inner
     # mean over B4, C3, C4, C5): PCC-50 0.653 -> 0.707, GSC 0.656 -> 0.678, MSE 1.840 -> 1.640 (docs/results.md)
     context_radii: list[float] = field(default_factory=lambda: [1.5, 2.5])
 
@@ -123,14 +123,8 @@ class HingeConfig:
             raise InputError(f"hinge.sd_scale must be > 0, got {self.sd_scale!r}")
         if not 0.0 <= self.feat_dropout < 1.0:
             raise InputError(f"hinge.feat_dropout must be in [0, 1), got {self.feat_dropout!r}")
-        if self.grad_clip is not None:
-            try:
-                clip = float(self.grad_clip) if not isinstance(self.grad_clip, bool) else float("nan")
-            except (TypeError, ValueError):
-                clip = float("nan")
-            if not (clip > 0 and clip < float("inf")):
-                raise InputError(f"hinge.grad_clip must be a number > 0 or null, got {self.grad_clip!r}")
-            self.grad_clip = clip
+        if self.grad_clip is not None and not self.grad_clip > 0:  # a number after coerce_numbers
+            raise InputError(f"hinge.grad_clip must be a number > 0 or null, got {self.grad_clip!r}")
         if not isinstance(self.context_radii, (list, tuple)) or not all(
                 isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in self.context_radii):
             raise InputError(f"hinge.context_radii must be a list of positive spot pitches, got {self.context_radii!r}")

@@ -1,12 +1,12 @@
-"""HINGE configuration variants on nested leave-one-section-out folds (issue 15): choose defaults without
-the test section.
+"""HINGE or FLAG configuration variants on nested leave-one-section-out folds (issues 15, 16): choose defaults
+without the test section.
 
-    .venv/bin/python benchmarks/hinge_nested.py --outer C2 \\
+    .venv/bin/python benchmarks/nested_variants.py --outer C2 \\
         --variant 'paper-context:{}' --variant 'context:{"context_radii": [1.5, 2.5]}' \\
         [--inner B4,C3,C4,C5] [--out reports/hinge_nested] [--data DIR]
 
-Each ``--variant NAME:JSON`` is a set of ``hinge`` config overrides (JSON object) on top of the current
-defaults. Everything stays inside the training sections of the outer fold ``--outer`` (its test section is
+Each ``--variant NAME:JSON`` is a set of config overrides (JSON object) of the model's section (``hinge`` for
+``--model hinge``/``hinge-paper``, ``flag`` for ``--model flag``) on top of the current defaults. Everything stays inside the training sections of the outer fold ``--outer`` (its test section is
 never read): for each inner section ``h`` of ``--inner`` (default: every imaged section except ``--outer``)
 every variant is fitted on the other inner sections (``data.train_sections``, HMHVG panel from those) and
 ``h`` is predicted with the run's own sampler. Per variant and inner section it prints and writes
@@ -52,8 +52,10 @@ def factor_for_mean_coverage(zs: list[np.ndarray], z90: float, target: float = 0
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_nested_options(ap, "reports/hinge_nested")
-    ap.add_argument("--variant", action="append", required=True, help="NAME:JSON hinge overrides (repeatable)")
-    ap.add_argument("--model", default="hinge", help="hinge or hinge-paper (default hinge)")
+    ap.add_argument("--variant", action="append", required=True, help="NAME:JSON config overrides (repeatable)")
+    ap.add_argument("--hold", default=None, help="comma-separated inner sections to hold out in turn (default: all "
+                    "of --inner; each fit still trains on every other inner section)")
+    ap.add_argument("--model", default="hinge", choices=("hinge", "hinge-paper", "flag"), help="default hinge")
     args = ap.parse_args(argv)
 
     from dataclasses import asdict
@@ -61,7 +63,6 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     from stgen.data.her2st import read_section
     from stgen.evaluation.metrics import Z90, evaluate
     from stgen.models.base import SectionInput
-    from stgen.models.hinge.config import HingeConfig
     from stgen.workflows.analysis import section_truth
     from stgen.workflows.config import StgenConfig
     from stgen.workflows.fit import fit
@@ -70,13 +71,18 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 
     data, cache, inner = nested_setup(args)
     variants = [_variant(v) for v in args.variant]
+    section = "flag" if args.model == "flag" else "hinge"
     rows: list[dict] = []
-    for h in inner:
+    hold = args.hold.split(",") if args.hold else inner
+    if not set(hold) <= set(inner):
+        raise SystemExit(f"--hold {hold} must be inner sections {inner}")
+    for h in hold:
         adata = read_section(data, h, require_image=True)
         xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
         for name, over in variants:
             cfg = StgenConfig()
-            cfg.hinge = HingeConfig(**{**asdict(cfg.hinge), **over})
+            base = getattr(cfg, section)
+            setattr(cfg, section, type(base)(**{**asdict(base), **over}))
             cfg.data.train_sections = [s for s in inner if s != h]
             run_dir = args.out / "runs" / name / h
             t0 = time.perf_counter()
