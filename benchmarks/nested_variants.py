@@ -14,7 +14,8 @@ every variant is fitted on the other inner sections (``data.train_sections``, HM
 ``coverage_90``, ``width_90`` (:func:`stgen.evaluation.metrics.evaluate`, log2(count+1)), ``sd_factor_90`` (the
 factor the returned sd would need for 90% coverage: ``hinge.sd_scale`` times it calibrates), the fit seconds
 and the spots/s of the prediction. Fitted runs are kept in ``OUT/runs/<variant>/<h>`` and reused when the
-script runs again with the same configuration (the same config hash).
+script runs again with the same configuration (the same config hash); rows of variants not named in this
+invocation stay in ``OUT/nested.csv``.
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     variants = [_variant(v) for v in args.variant]
     section = "flag" if args.model == "flag" else "hinge"
     rows: list[dict] = []
+    done = {v for v, _ in variants}
+    earlier = (pd.read_csv(args.out / "nested.csv") if (args.out / "nested.csv").is_file() else pd.DataFrame())
+    if len(earlier):  # rows of other variants from earlier invocations stay in nested.csv
+        earlier = earlier[~earlier["variant"].isin(done)]
     hold = args.hold.split(",") if args.hold else inner
     if not set(hold) <= set(inner):
         raise SystemExit(f"--hold {hold} must be inner sections {inner}")
@@ -104,7 +109,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             np.save(args.out / "z" / f"{name}_{h}.npy", z.astype(np.float32))
             print_row(row)
             args.out.mkdir(parents=True, exist_ok=True)
-            pd.DataFrame(rows).to_csv(args.out / "nested.csv", index=False)  # partial results survive
+            pd.concat([earlier, pd.DataFrame(rows)]).to_csv(args.out / "nested.csv", index=False)  # partial results survive
     df = pd.DataFrame(rows)
     summary = inner_means(df, ["variant"], sort=False)
     # the one factor on the returned sd that gives a 90% inner-fold mean coverage (what hinge.sd_scale x it sets)

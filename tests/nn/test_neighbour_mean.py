@@ -66,3 +66,16 @@ def test_bad_input_names_what_is_wrong():
     bad[3, 0] = np.nan
     with pytest.raises(InputError, match="NaN or infinite"):
         neighbour_mean(np.zeros((9, 2)), bad)
+
+
+def test_spot_spacing_is_the_pitch_that_neighbour_mean_uses():
+    from stgen.nn.graph import spot_spacing
+
+    xy = np.stack(np.meshgrid(np.arange(5), np.arange(4)), -1).reshape(-1, 2) * 180.0
+    assert spot_spacing(xy) == pytest.approx(180.0)
+    assert spot_spacing(np.concatenate([xy, xy[:3]])) == pytest.approx(180.0)  # duplicates are not a pitch of 0
+    assert spot_spacing(xy[:1]) == 1.0 and spot_spacing(np.zeros((4, 2))) == 1.0
+    v = np.arange(len(xy), dtype=np.float32)[:, None]
+    # radius 1.01 pitches: the 4-neighbourhood, so the pitch neighbour_mean used is spot_spacing's
+    inner = 1 * 5 + 1  # spot (1, 1)
+    assert neighbour_mean(v, xy, radius=1.01)[inner, 0] == pytest.approx(np.mean([1, 5 + 0, 5 + 2, 10 + 1]))

@@ -165,15 +165,25 @@ class EdgeBiasedGraphAttention(nn.Module):
         return self.out(torch.einsum("nhk,nkhd->nhd", attn, vn).reshape(n, -1))
 
 
+def _nearest_positive_distances(xy: np.ndarray):
+    """``(tree, d)``: a :class:`scipy.spatial.cKDTree` of ``xy`` (N, 2) and, per spot, the distance to its nearest
+    other spot at a positive distance among its 8 nearest (spots whose 8 nearest share their position are
+    left out of ``d``). Memory is linear in the spots."""
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(xy)
+    d, _ = tree.query(xy, k=min(len(xy), 9))
+    d = np.where(d[:, 1:] > 0, d[:, 1:], np.inf).min(1)
+    return tree, d[np.isfinite(d)]
+
+
 def spot_spacing(xy: np.ndarray) -> float:
-    """Median distance (pixels) from each spot to its nearest other spot at a positive distance (1 if none)."""
+    """Median distance (pixels) from each spot to its nearest other spot at a positive distance (1 if none):
+    the spot pitch of a section (200 um of a Her2ST array in pixels)."""
     xy = np.asarray(xy, dtype=np.float64)
     if len(xy) < 2:
         return 1.0
-    g = build_spot_graph(xy, np.ones((len(xy), 1)), k=min(len(xy), 8))
-    d = np.linalg.norm(xy[:, None] - xy[g.neighbors.numpy()], axis=-1)[:, 1:]
-    d = np.where(d > 0, d, np.inf).min(1)
-    d = d[np.isfinite(d)]
+    _, d = _nearest_positive_distances(xy)
     return float(np.median(d)) if len(d) else 1.0
 
 
@@ -181,8 +191,8 @@ def neighbour_mean(values: np.ndarray, xy: np.ndarray, radius: float = 1.5) -> n
     """Mean of ``values`` over each spot's spatial neighbours: the regional context of a spot.
 
     ``values`` (N, F) (e.g. encoder features), ``xy`` (N, 2) spot centres in full-resolution pixels. Spot
-    ``j != i`` is a neighbour of ``i`` when ``|xy_j - xy_i| <= radius * pitch``, with ``pitch`` the median
-    distance from a spot to its nearest other spot at a positive distance; ``radius`` 1.5 takes the first
+    ``j != i`` is a neighbour of ``i`` when ``|xy_j - xy_i| <= radius * pitch``, with ``pitch`` the
+    :func:`spot_spacing` of the section; ``radius`` 1.5 takes the first
     ring (8 spots of a square ST array, 6 of a hexagonal Visium one). A spot without neighbours (an
     isolated spot, a one-spot section) keeps its own row. Returns (N, F) float32. Neighbour pairs come from a
     k-d tree (:class:`scipy.spatial.cKDTree`), so memory is linear in the spots.
@@ -190,7 +200,6 @@ def neighbour_mean(values: np.ndarray, xy: np.ndarray, radius: float = 1.5) -> n
     Raises InputError for a shape mismatch, NaN/infinite coordinates or ``radius <= 0``.
     """
     from scipy import sparse
-    from scipy.spatial import cKDTree
 
     v = np.asarray(values, dtype=np.float32)
     xy_t = _as_matrix(xy, "spot coordinates xy", 2).numpy()
@@ -201,10 +210,7 @@ def neighbour_mean(values: np.ndarray, xy: np.ndarray, radius: float = 1.5) -> n
         raise InputError(f"neighbour radius must be a positive number of spot pitches, got {radius!r}")
     if n < 2:
         return v.copy()
-    tree = cKDTree(xy_t)
-    d, _ = tree.query(xy_t, k=min(n, 9))
-    d = np.where(d[:, 1:] > 0, d[:, 1:], np.inf).min(1)
-    d = d[np.isfinite(d)]
+    tree, d = _nearest_positive_distances(xy_t)
     if not len(d):  # every spot at one position
         return v.copy()
     pairs = tree.query_pairs(float(radius) * float(np.median(d)), output_type="ndarray")
