@@ -38,7 +38,8 @@ def test_model_sections_only_enter_their_own_config_hash():
     # new HINGE defaults (issue 15: head, K=3, 2 draws; then spatial context, condition dropout, sd x1.83)
     assert config_hash(base, "hinge", "C2") == "ebe02f754f2904f0"
     assert config_hash(base, "ridge", "C2") == "d8f8d1a6a846bb59"
-    assert config_hash(base, "flag", "C2") == "b3da231317e03b6e"
+    # new FLAG defaults (issue 16: contextual alignment, inference-sampler validation, Euler 5 steps, 4,000 steps)
+    assert config_hash(base, "flag", "C2") == "b62e274ee50947c1"
     other = StgenConfig.from_dict({"stem": {"samples": 7}, "bleep": {"top_k": 3}})
     for m in ("hinge", "ridge", "flag", "hifusion", "stnet", "stflow"):
         assert config_hash(other, m, "C2") == config_hash(base, m, "C2"), m
