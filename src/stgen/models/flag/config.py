@@ -91,7 +91,7 @@ class FlagConfig:
 
     def __post_init__(self) -> None:
         coerce_numbers(self, "flag")
-        for name in ("dim", "graph_heads", "dit_layers", "dit_heads", "knn"):
+        for name in ("dim", "graph_heads", "dit_layers", "dit_heads", "knn", "steps", "samples", "val_samples"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"flag.{name} must be >= 1, got {getattr(self, name)!r}")
         if self.graph_layers < 0:
@@ -105,14 +105,10 @@ class FlagConfig:
         VESDE(self.sigma_min, self.sigma_max)  # validates the limits
         if self.align_target not in ALIGN_TARGETS:
             raise InputError(f"flag.align_target must be one of {ALIGN_TARGETS}, got {self.align_target!r}")
-        if self.val_steps is not None:
-            if self.val_steps < 1:
-                raise InputError(f"flag.val_steps must be >= 1 or null (the inference sampler), got {self.val_steps}")
+        if self.val_steps is not None and self.val_steps < 1:
+            raise InputError(f"flag.val_steps must be >= 1 or null (the inference sampler), got {self.val_steps}")
         if self.order not in (1, 2):
             raise InputError(f"flag.order must be 1 (Euler = DDIM) or 2 (Heun), got {self.order!r}")
-        for name in ("steps", "samples", "val_samples"):
-            if int(getattr(self, name)) < 1:
-                raise InputError(f"flag.{name} must be >= 1, got {getattr(self, name)!r}")
 
     def architecture(self) -> dict:
         """The network-defining fields (:data:`ARCH_FIELDS`) as a dict, as stored in ``run.json``."""

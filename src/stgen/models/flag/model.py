@@ -80,17 +80,15 @@ class FlagModel(SpotModel):
         genes = [g for g, k in zip(panel, known.tolist()) if k]
         width = int(bb.config.dim)
         states = None
-        torch.manual_seed(cfg.seed)
+        emb = None
         if cfg.align_target == "static":
             emb = torch.zeros(len(panel), width)
             if genes:
                 emb[known] = gene_token_embeddings(bb, genes)
-            net = FLAG(cfg, len(panel), train[0].feats.shape[1], emb)
-        else:
-            net = FLAG(cfg, len(panel), train[0].feats.shape[1], align_dim=width if cfg.align_weight > 0 else None)
-            if cfg.align_weight > 0:  # float16 halves the memory of (N, G', E) per section; the loss is a cosine
-                states = [contextual_gene_states(bb, genes, torch.as_tensor(s.targets)[:, known]).half()
-                          for s in train]
+        elif cfg.align_weight > 0:  # float16 halves the memory of (N, G', E) per section; the loss is a cosine
+            states = [contextual_gene_states(bb, genes, torch.as_tensor(s.targets)[:, known]).half() for s in train]
+        torch.manual_seed(cfg.seed)
+        net = FLAG(cfg, len(panel), train[0].feats.shape[1], emb, align_dim=width if cfg.align_weight > 0 else None)
         graph = flag_graph_settings(cfg, context.patch_px)
         sections = [(s.feats, s.xy, s.targets) for s in train]
         history = train_flag(net, sections, cfg, graph_builder(graph), progress=progress, align_states=states,
@@ -120,12 +118,10 @@ class FlagModel(SpotModel):
                    source: str = "model.safetensors") -> "FlagModel":
         fm = meta[cls.name]
         width = fm.get("embedding_dim") or None
-        arch = FlagConfig.from_architecture(fm["config"])
-        if fm.get("align_target", "static") == "static":  # runs saved before contextual alignment are static
-            emb = torch.zeros(len(meta["panel"]), width) if width else None
-            net = FLAG(arch, len(meta["panel"]), meta["feature_dim"], emb)
-        else:
-            net = FLAG(arch, len(meta["panel"]), meta["feature_dim"], align_dim=width)
+        static = fm.get("align_target", "static") == "static"  # runs saved before contextual alignment are static
+        emb = torch.zeros(len(meta["panel"]), width) if static and width else None
+        net = FLAG(FlagConfig.from_architecture(fm["config"]), len(meta["panel"]), meta["feature_dim"], emb,
+                   align_dim=width)
         load_state_strict(net, tensors, source)
         return cls(net.eval(), fm, meta.get("backbone"), cfg)
 

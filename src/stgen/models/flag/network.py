@@ -140,16 +140,17 @@ class FLAG(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(d, config.dit_heads, config.mlp_ratio, config.dropout)
                                     for _ in range(config.dit_layers))
         self.final = FinalLayer(d)
-        self.gene_embeddings, self.align_proj = None, None  # no static targets / no projector unless given
+        self.align_proj = None  # no projector (and no alignment loss) unless given a target width
         if gene_embeddings is not None:
-            del self.gene_embeddings
             e = torch.as_tensor(gene_embeddings, dtype=torch.float32)
             if e.ndim != 2 or e.shape[0] != n_genes:
                 raise InputError(f"gene_embeddings must have shape (G={n_genes}, E), got {tuple(e.shape)}")
             self.register_buffer("gene_embeddings", e.clone())
             align_dim = e.shape[1]
-        elif align_dim is not None and int(align_dim) < 1:
-            raise InputError(f"align_dim must be >= 1, got {align_dim}")
+        else:
+            self.gene_embeddings = None
+            if align_dim is not None and int(align_dim) < 1:
+                raise InputError(f"align_dim must be >= 1, got {align_dim}")
         if align_dim:
             self.align_proj = nn.Sequential(nn.Linear(d, 2 * d), nn.SiLU(), nn.Linear(2 * d, int(align_dim)))
 

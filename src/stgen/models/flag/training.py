@@ -67,13 +67,11 @@ class FlagModule(BestWeights, L.LightningModule):
         loss = dsm = dsm_loss(denoised, x0, sigma, self.model.sde, mask=batch["loss_mask"],
                               weighting=self.cfg.loss_weighting)
         self._dsm.append(float(dsm.detach()))
-        if self.align and "align" in batch:  # contextual targets read the true expression: training spots only
-            al = self.model.align_loss(tokens, mask=batch["loss_mask"], targets=batch["align"].to(tokens.dtype),
-                                       genes=self.align_genes.to(tokens.device))
-            loss = dsm + self.cfg.align_weight * al
-            self._align.append(float(al.detach()))
-        elif self.align:
-            al = self.model.align_loss(tokens)
+        if self.align:
+            contextual = "align" in batch  # contextual targets read the true expression: training spots only
+            al = self.model.align_loss(tokens, mask=batch["loss_mask"] if contextual else None,
+                                       targets=batch["align"].to(tokens.dtype) if contextual else None,
+                                       genes=None if self.align_genes is None else self.align_genes.to(tokens.device))
             loss = dsm + self.cfg.align_weight * al
             self._align.append(float(al.detach()))
         self.log("loss", loss, prog_bar=True, batch_size=1)
@@ -122,7 +120,8 @@ def train_flag(
     align_states : per section the contextual alignment targets (N, G', E) of
         the genes ``align_genes`` (G',) long (panel columns with a backbone state;
         :func:`stgen.backbones.external.contextual_gene_states`); None: the
-        network's static embeddings (or no alignment).
+        network's static embeddings (or no alignment), of the genes ``align_genes``
+        (None: the genes whose embedding row is not all zero).
 
     ``val_fraction`` of the spots of every section are held out of the loss and
     scored after every ``val_every`` steps (``max_steps`` rounded up to whole
@@ -167,7 +166,7 @@ def train_flag(
                           sampler=sampler)
     val = [{"feats": s["feats"], "graph": s["graph"], "y": s["y"], "val_mask": ~s["train_mask"]}
            for s in prepared if not s["train_mask"].all()]
-    module = FlagModule(model, cfg, align_genes if align_states is not None else None)
+    module = FlagModule(model, cfg, align_genes)
     module.data_sampler = sampler
     trainer = _trainer(rounds, progress=progress, precision=cfg.precision, gradient_clip_val=cfg.grad_clip,
                        distributed=True)
