@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from stgen import __version__
-from stgen.backbones.external import load_external_backbone, parse_backbone_spec
+from stgen.backbones.external import genes_in_vocabulary, load_external_backbone, parse_backbone_spec
 from stgen.backbones.pretrain import get_backbone
 from stgen.data.common import section_image
 from stgen.data.dataset import as_dataset
@@ -56,11 +56,12 @@ def _panel_backbone(data_dir: Path, cfg: StgenConfig, cache_dir: Path, evaluated
                 "corpus": bmeta["corpus"]}
     else:
         backbone, meta = load_external_backbone(kind, bpath)
-    dropped = [g for g in panel if g not in backbone.gene_to_idx]
-    if not restrict:
+    if not restrict:  # recorded with the vocabulary test FLAG applies (gene_index, aliases included)
+        known = genes_in_vocabulary(backbone, panel).tolist()
         meta["panel_genes_dropped"] = []
-        meta["panel_genes_outside_vocabulary"] = dropped
+        meta["panel_genes_outside_vocabulary"] = [g for g, k in zip(panel, known) if not k]
         return backbone, panel, meta
+    dropped = [g for g in panel if g not in backbone.gene_to_idx]
     meta["panel_genes_dropped"] = dropped
     if dropped:
         log.warning("%d panel gene(s) are not in the %s backbone vocabulary and are dropped: %s",
