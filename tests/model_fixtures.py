@@ -80,6 +80,25 @@ def backbone_context(panel: list[str]) -> "FitContext":
     return FitContext(backbone=ExpressionBackbone(list(panel), bcfg).eval(), backbone_meta=meta, patch_px=16, seed=3)
 
 
+def tiny_backbone(kind: str) -> torch.nn.Module:
+    """A fresh, untrained tiny expression backbone of ``kind`` (eval mode; seed it before the call):
+    ``embedded`` (genes G0..G19, width 8), ``cellfm`` (CellFM architecture, G0..G49, width 32, row i + 1 = gene i)
+    or ``scgpt`` (vocabulary ``<pad>`` = 0 and G0..G29 = 1..30, width 32)."""
+    if kind == "embedded":
+        from stgen.backbones.embedded import BackboneConfig, ExpressionBackbone
+
+        return ExpressionBackbone([f"G{i}" for i in range(20)],
+                                  BackboneConfig(dim=8, n_layers=2, n_heads=2, value_bins=4)).eval()
+    if kind == "cellfm":
+        from stgen.backbones.cellfm import CellFMBackbone, CellFMConfig
+
+        return CellFMBackbone(CellFMConfig.tiny(), [f"G{i}" for i in range(50)]).eval()
+    from stgen.backbones.scgpt import ScGPTBackbone, ScGPTConfig
+
+    vocab = {"<pad>": 0, **{f"G{i}": i + 1 for i in range(30)}}
+    return ScGPTBackbone(vocab, ScGPTConfig(dim=32, n_heads=4, d_hid=32, n_layers=2)).eval()
+
+
 # ------------------------------------------------------------------ shared checks of the SpotModel tests
 def fit_one_thread(cls: type[SpotModel], train: list[SectionInput], panel: list[str], cfg, features: FeatureSettings):
     """``cls.fit(..., progress=False)`` on one intra-op thread, for module-scoped fixtures (``one_thread`` is

@@ -244,16 +244,12 @@ def test_generate_is_deterministic_finite_and_in_target_units():
 
 
 def test_gene_token_embeddings_for_every_backbone():
-    from stgen.backbones.embedded import BackboneConfig, ExpressionBackbone
-    from stgen.backbones.cellfm import CellFMBackbone, CellFMConfig
+    from model_fixtures import tiny_backbone
+
     from stgen.backbones.external import gene_token_embeddings
-    from stgen.backbones.scgpt import ScGPTBackbone, ScGPTConfig
 
     torch.manual_seed(0)
-    emb = ExpressionBackbone([f"G{i}" for i in range(20)], BackboneConfig(dim=8, n_layers=1, n_heads=2, value_bins=4))
-    cellfm = CellFMBackbone(CellFMConfig.tiny(), [f"G{i}" for i in range(50)])
-    vocab = {"<pad>": 0, **{f"G{i}": i + 1 for i in range(30)}}
-    scgpt = ScGPTBackbone(vocab, ScGPTConfig(dim=32, n_heads=4, d_hid=32, n_layers=2))
+    emb, cellfm, scgpt = (tiny_backbone(k) for k in ("embedded", "cellfm", "scgpt"))
     genes = ["G3", "G0", "G7"]
     for bb, table, rows in [(emb, emb.gene_emb.weight, [3, 0, 7]), (cellfm, cellfm.gene_emb, [4, 1, 8]),
                             (scgpt, scgpt.encoder.embedding.weight, [4, 1, 8])]:

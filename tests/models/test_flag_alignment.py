@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from stgen.backbones.embedded import BackboneConfig, ExpressionBackbone
+from model_fixtures import tiny_backbone
+
 from stgen.backbones.external import contextual_gene_states, genes_in_vocabulary
 from stgen.errors import InputError
 from stgen.models.base import FeatureSettings, FitContext, SectionInput
@@ -24,15 +25,8 @@ TINY = dict(dim=16, graph_layers=1, graph_heads=2, dit_layers=2, dit_heads=2, ml
 
 
 def _backbones():
-    from stgen.backbones.cellfm import CellFMBackbone, CellFMConfig
-    from stgen.backbones.scgpt import ScGPTBackbone, ScGPTConfig
-
     torch.manual_seed(0)
-    emb = ExpressionBackbone([f"G{i}" for i in range(20)], BackboneConfig(dim=8, n_layers=2, n_heads=2, value_bins=4))
-    cellfm = CellFMBackbone(CellFMConfig.tiny(), [f"G{i}" for i in range(50)])
-    vocab = {"<pad>": 0, "<cls>": 31, **{f"G{i}": i + 1 for i in range(30)}}
-    scgpt = ScGPTBackbone(vocab, ScGPTConfig(dim=32, n_heads=4, d_hid=32, n_layers=2))
-    return [emb, cellfm.eval(), scgpt.eval()]
+    return [tiny_backbone(k) for k in ("embedded", "cellfm", "scgpt")]
 
 
 @pytest.mark.parametrize("which", [0, 1, 2], ids=["embedded", "cellfm", "scgpt"])

@@ -521,17 +521,10 @@ def test_stgen_ablate_end_to_end_on_synthetic_data(tmp_path, monkeypatch):
 @pytest.mark.parametrize("kind", ["cellfm", "scgpt"])
 def test_scratch_and_lora_on_external_backbone_architectures(kind):
     """Scratch re-initialises a CellFM/scGPT backbone; LoRA wraps its projections and starts at HINGE."""
-    if kind == "cellfm":
-        from stgen.backbones.cellfm import CellFMBackbone, CellFMConfig
+    from model_fixtures import tiny_backbone
 
-        make = lambda: CellFMBackbone(CellFMConfig.tiny(), [f"G{i}" for i in range(50)])  # noqa: E731
-    else:
-        from stgen.backbones.scgpt import ScGPTBackbone, ScGPTConfig
-
-        vocab = {"<pad>": 0, **{f"G{i}": i + 1 for i in range(30)}}
-        make = lambda: ScGPTBackbone(vocab, ScGPTConfig(dim=32, n_heads=4, d_hid=32, n_layers=2))  # noqa: E731
     torch.manual_seed(0)
-    pre = make().eval()
+    pre = tiny_backbone(kind)
     x, vis, t, f = _inputs()
     scratch = HINGE(copy.deepcopy(pre), PANEL, feat_dim=6, T=10, config=HingeConfig(adaptation="scratch"))
     changed = [n for (n, p), (_, q) in zip(scratch.backbone.named_parameters(), pre.named_parameters())
