@@ -40,8 +40,8 @@ that the times can be read against the machine. Every number is measured in this
 
 The memory that grows with the number of spots N is estimated from the array shapes and printed next to the
 measured peaks: features ``N x F`` float32, the outputs ``N x G`` (mean and sd, and their float32 copies in the
-AnnData) and, for HINGE, the sampler's sample-major copies (features repeated ``samples`` times,
-``samples x N x G`` order noise and results), which dominate for a wide encoder. ``--scaling 1000,5000`` runs
+AnnData) and, for HINGE, the neighbour-mean features of its spatial context (``N x F`` per radius), the first
+reverse step's outputs and the sampler's sample-major order noise and results (``samples x N x G`` each). ``--scaling 1000,5000`` runs
 the whole benchmark (``--run`` only) once per size, each in a fresh Python process, and prints spots, end-to-end
 time, its peak RSS and RSS at its start per size, and the measured growth of the end-to-end peak per 1000 spots
 next to the estimate, so that a reader sees whether memory is flat in the number of spots.
@@ -200,13 +200,21 @@ def _onnx_files() -> set[str]:
     return {p.name for p in d.glob("*.onnx")} if d.is_dir() else set()
 
 
-def n_proportional_mb(model: str, n: int, f: int, g: int, samples: int) -> dict:
-    """Estimated MB of the arrays that grow with the spots N during an end-to-end predict (float32)."""
+def n_proportional_mb(model: str, n: int, f: int, g: int, samples: int, n_context: int = 0, head: bool = False) -> dict:
+    """Estimated MB of the arrays that grow with the spots N during an end-to-end predict (float32).
+
+    HINGE: its condition inputs ``N x F(1 + n_context)`` (the spot feature and one neighbour mean per context
+    radius; the sampler gathers each batch's rows, nothing is repeated per sample), the first reverse step's
+    ``N x G`` outputs (mean, and sd with the predictive head ``head``), and the sample-major order noise and
+    results, ``samples x N x G`` each (sd too with the head)."""
     mb = 4.0 / 2**20
     est = {"features N x F": n * f * mb, "outputs N x G (mean, sd + AnnData copies)": 4 * n * g * mb}
-    if model == "hinge" and samples > 1:
-        est["HINGE features repeated samples x N x F"] = samples * n * f * mb
-        est["HINGE order noise + samples, 2 x samples x N x G"] = 2 * samples * n * g * mb
+    if model == "hinge":
+        if n_context:
+            est[f"HINGE neighbour-mean features {n_context} x N x F"] = n_context * n * f * mb
+        if samples > 1:
+            est["HINGE first-step outputs N x G"] = (2 if head else 1) * n * g * mb
+        est["HINGE order noise + samples"] = (3 if head else 2) * samples * n * g * mb
     return est
 
 
@@ -290,6 +298,8 @@ def bench_run(label: str, run_ref: str, image: Path, out_dir: Path, args) -> dic
         r["spots_per_s"] = n / r["s"] if r["s"] > 0 else float("inf")
     staged_s = sum(r["s"] for r in st.rows)
     f_dim = encoder_dim(run.cfg.features.encoder)
+    net = getattr(run.model, "net", None)  # HINGE's network: its spatial context and predictive head
+    radii, head = getattr(getattr(net, "config", None), "context_radii", ()), bool(getattr(net, "has_sd", False))
     return {"label": label, "run": str(run_ref), "model": model, "n_spots": n, "n_spots_e2e": n_e2e,
             "n_genes": n_genes, "feature_dim": f_dim, "encoder": run.cfg.features.encoder,
             "encoder_backend": backend, "onnx_export": onnx if backend == "onnxruntime" else "n/a",
@@ -298,7 +308,8 @@ def bench_run(label: str, run_ref: str, image: Path, out_dir: Path, args) -> dic
             "stages": st.rows, "staged_total_s": staged_s, "staged_spots_per_s": n / staged_s,
             "staged_peak_rss_mb": max(r["peak_rss_mb"] for r in st.rows),
             "end_to_end": e2e.rows[0], "h5ad": str(e2e_out),
-            "n_proportional_mb_estimate": n_proportional_mb(model, n, f_dim, n_genes, samples)}
+            "n_proportional_mb_estimate": n_proportional_mb(model, n, f_dim, n_genes, samples, n_context=len(radii),
+                                                            head=head)}
 
 
 # ------------------------------------------------------------------ main
