@@ -6,7 +6,8 @@ without the test section.
         [--inner B4,C3,C4,C5] [--out reports/hinge_nested] [--data DIR]
 
 Each ``--variant NAME:JSON`` is a set of config overrides (JSON object) of the model's section (``hinge`` for
-``--model hinge``/``hinge-paper``, ``flag`` for ``--model flag``) on top of the current defaults. Everything stays inside the training sections of the outer fold ``--outer`` (its test section is
+``--model hinge``/``hinge-paper``, ``flag`` for ``--model flag``) on top of the current defaults; a dotted key
+overrides another section (``{"features.tta": true}``). Everything stays inside the training sections of the outer fold ``--outer`` (its test section is
 never read): for each inner section ``h`` of ``--inner`` (default: every imaged section except ``--outer``)
 every variant is fitted on the other inner sections (``data.train_sections``, HMHVG panel from those) and
 ``h`` is predicted with the run's own sampler. Per variant and inner section it prints and writes
@@ -40,6 +41,16 @@ def _variant(text: str) -> tuple[str, dict]:
     if not isinstance(over, dict):
         raise SystemExit(f"--variant {name}: the overrides must be a JSON object, got {body!r}")
     return name, over
+
+
+def _by_section(over: dict, section: str) -> dict[str, dict]:
+    """``{"lr": 1e-3, "features.tta": true}`` -> ``{section: {"lr": 1e-3}, "features": {"tta": True}}``: a dotted
+    key names another config section."""
+    out: dict[str, dict] = {}
+    for key, value in over.items():
+        sec, dot, name = key.rpartition(".")
+        out.setdefault(sec if dot else section, {})[name] = value
+    return out
 
 
 def factor_for_mean_coverage(zs: list[np.ndarray], z90: float, target: float = 0.9) -> float:
@@ -86,8 +97,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
         for name, over in variants:
             cfg = StgenConfig()
-            base = getattr(cfg, section)
-            setattr(cfg, section, type(base)(**{**asdict(base), **over}))
+            for sec, fields in _by_section(over, section).items():  # "features.tta": another config section
+                base = getattr(cfg, sec)
+                setattr(cfg, sec, type(base)(**{**asdict(base), **fields}))
             cfg.data.train_sections = [s for s in inner if s != h]
             run_dir = args.out / "runs" / name / h
             t0 = time.perf_counter()

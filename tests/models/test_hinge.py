@@ -239,3 +239,37 @@ def test_sample_reveal_gives_distinct_samples_with_spot_keyed_draws():
     torch.testing.assert_close(run(sub)[0], mean_s[sub], atol=1e-5, rtol=1e-5)  # draws keyed on the spot
     assert not torch.allclose(run(sub, seed=1)[0], mean_s[sub], atol=1e-5)
     assert torch.all(sd_s > 0) and torch.isfinite(sd_s).all()
+
+
+def test_draws_estimate_averages_the_revealed_draws_beside_the_same_mixture_sd():
+    """``estimate="draws"`` returns the mean of the revealed draws: with the same seeds its sd is the mixture's,
+    its mean differs from the mixture mean by the draws' own noise, which shrinks as 1/sqrt(samples)."""
+    import pytest
+
+    from stgen.errors import InputError
+
+    head, ft, _ = _train_toy("gaussian")
+    sched = MaskSchedule(12, T=10)
+
+    def run(samples, estimate):
+        return head.generate(ft, sched, steps=3, n_samples=samples, generator=torch.Generator().manual_seed(0),
+                             reveal="sample", estimate=estimate)
+
+    rms = {}
+    for s in (4, 64):
+        mean_m, sd_m = run(s, "mixture")
+        mean_d, sd_d = run(s, "draws")
+        torch.testing.assert_close(sd_d, sd_m)
+        rms[s] = float((mean_d - mean_m).pow(2).mean().sqrt())
+        # each value: the mean over samples of sd_reveal * N(0, 1), so at most the mixture sd / sqrt(samples)
+        assert rms[s] < float(sd_m.pow(2).mean().sqrt()) / s**0.5 * 1.2, (s, rms[s])
+    assert rms[4] > 2.5 * rms[64], rms  # sqrt(64 / 4) = 4 in expectation
+    with pytest.raises(ValueError, match="estimate"):
+        head.generate(ft, sched, steps=3, reveal="mean", estimate="draws")
+    with pytest.raises(ValueError, match="estimate"):
+        head.generate(ft, sched, steps=3, reveal="sample", estimate="median")
+    with pytest.raises(InputError, match="estimate"):
+        HingeConfig(estimate="draws", predictive="none")
+    with pytest.raises(InputError, match="estimate"):
+        HingeConfig(estimate="mode")
+    assert HingeConfig(estimate="draws").paper().estimate == "mixture"

@@ -120,3 +120,30 @@ def test_condition_dropout_is_drawn_from_the_step_generator_for_the_global_batch
     dropped = torch.isclose(a, mean.expand_as(a))
     assert 0.15 < dropped.float().mean() < 0.35
     torch.testing.assert_close(a[~dropped], (mean + (feats - mean) / 0.75)[~dropped])
+
+
+def test_draws_estimate_is_a_sampling_switch_saved_with_the_run_and_refused_without_drawn_reveals(fold):
+    """``hinge.estimate`` changes what ``predict`` returns, not the network: a run saved before the field predicts
+    the mixture mean, ``draws`` keeps the sd, and HINGE as published (revealed means) refuses ``draws``."""
+    from stgen.workflows.rundir import config_hash
+
+    _, test, fs, _ = fold
+    model, cfg = _fit(fold, [1.5])
+    assert model.meta["estimate"] == "mixture"
+    mean_m, sd_m = model.predict(test, fs, seed=3)
+    mean_d, sd_d = model.predict(test, fs, seed=3, estimate="draws")
+    np.testing.assert_allclose(sd_d, sd_m, atol=1e-6)
+    assert not np.allclose(mean_d, mean_m, atol=1e-4)
+    model.meta["estimate"] = "draws"  # as a run fitted with hinge.estimate: draws stores it
+    np.testing.assert_allclose(model.predict(test, fs, seed=3)[0], mean_d, atol=1e-6)
+    del model.meta["estimate"]  # a run.json written before the field: the mixture mean, as it predicted then
+    np.testing.assert_allclose(model.predict(test, fs, seed=3)[0], mean_m, atol=1e-6)
+    with pytest.raises(InputError, match="estimate"):
+        model.predict(test, fs, estimate="draws", reveal="mean")
+    with pytest.raises(InputError, match="estimate"):
+        model.predict(test, fs, estimate="median")
+    base = StgenConfig.from_dict(TINY)
+    draws = StgenConfig.from_dict(TINY)
+    draws.hinge = replace(draws.hinge, estimate="draws")
+    assert config_hash(draws, "hinge", "X") != config_hash(base, "hinge", "X")
+    assert config_hash(draws, "ridge", "X") == config_hash(base, "ridge", "X")

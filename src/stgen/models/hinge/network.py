@@ -54,7 +54,7 @@ from stgen.sampling.masking import (MaskSchedule, mixture_moments, sample_unmask
 from stgen.backbones.embedded import ExpressionBackbone
 from stgen.nn.lora import add_lora
 from stgen.nn.softadaln import SoftAdaLN
-from stgen.models.hinge.config import REVEALS, HingeConfig
+from stgen.models.hinge.config import ESTIMATES, REVEALS, HingeConfig
 from stgen.nn.stats import floored_std
 from stgen.nn.embedding import timestep_embedding
 
@@ -180,6 +180,7 @@ class HINGE(nn.Module):
         progress: bool = False,
         spot_keys: torch.Tensor | None = None,
         reveal: str = "mean",
+        estimate: str = "mixture",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample expression for spots with features ``feats`` (N, F).
 
@@ -201,13 +202,19 @@ class HINGE(nn.Module):
         predictive head (needs ``predictive="gaussian"``). With the head, the returned mean and sd are those
         of the Gaussian mixture of the samples' reveal-time moments
         (:func:`~stgen.sampling.masking.mixture_moments`); without it, the samples' mean and sd.
-        ValueError for an unknown ``reveal``, or ``sample`` without the head.
+        ``estimate="draws"`` (with ``reveal="sample"``) returns instead the mean of the revealed draws, beside
+        the same mixture sd. ValueError for an unknown ``reveal`` or ``estimate``, ``sample`` without the head,
+        or ``draws`` without ``sample``.
         """
         self.eval()
         if reveal not in REVEALS:
             raise ValueError(f"unknown reveal {reveal!r}; choose one of {REVEALS}")
         if reveal == "sample" and not self.has_sd:
             raise ValueError("reveal='sample' needs the predictive head (hinge.predictive: gaussian)")
+        if estimate not in ESTIMATES:
+            raise ValueError(f"unknown estimate {estimate!r}; choose one of {ESTIMATES}")
+        if estimate == "draws" and reveal != "sample":
+            raise ValueError("estimate='draws' needs reveal='sample' (the draws of the predictive head)")
         n, device, g = feats.shape[0], feats.device, len(self.panel)
         noise = normals = None
         n_rows = n_samples * n  # sample-major rows: row r is spot r % n (features gathered per batch, not copied)
@@ -244,6 +251,7 @@ class HINGE(nn.Module):
             first = first if head else first[0]
         out = torch.empty(n_rows, g, device=device)
         sds = torch.zeros(n_rows, g, device=device) if head else None
+        draws = torch.empty(n_rows, g, device=device) if estimate == "draws" else None
         for s in tqdm(range(0, n_rows, batch_size), desc=f"sampling {n_samples}x{n} spots, K={steps}",
                       disable=not progress, unit="batch"):
             f = feats[torch.arange(s, min(s + batch_size, n_rows), device=device) % n]
@@ -266,12 +274,15 @@ class HINGE(nn.Module):
                 order_noise=None if noise is None else noise[rows],
                 reveal_noise=None if normals is None else normals[rows], return_moments=head)
             if head:
-                _, out[rows], sds[rows] = res
+                x, out[rows], sds[rows] = res
+                if draws is not None:
+                    draws[rows] = x
             else:
                 out[rows] = res
         out = out.view(n_samples, n, -1)
         if head:
-            return mixture_moments(out, sds.view(n_samples, n, -1))
+            mean, std = mixture_moments(out, sds.view(n_samples, n, -1))
+            return (mean if draws is None else draws.view(n_samples, n, -1).mean(0)), std
         std = out.std(0, unbiased=False) if n_samples > 1 else torch.zeros(n, out.shape[-1], device=device)
         return out.mean(0), std
 
