@@ -247,3 +247,40 @@ def test_efficientnet_onnx_runtime_matches_torch(tmp_path, monkeypatch) -> None:
     # no onnxruntime: the exact torch path, with a log line instead of an error
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     assert EfficientNetLite0Encoder().backend == "torch"
+
+
+def test_tta_view_counts_views_cache_keys_and_bad_values(tmp_path: Path, img_path: Path, counting) -> None:
+    """``tta`` = 2 averages the patch and its 180-degree rotation, 4 the rotations, True/8 every dihedral view;
+    True and 8 (and False and 1) share one cache key, so caches written before view counts stay valid."""
+    from stgen.features.cache import tta_views
+
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    two, four, eight = dihedral_views(x, 2), dihedral_views(x, 4), dihedral_views(x, 8)
+    torch.testing.assert_close(two[1], torch.rot90(x, 2, dims=(2, 3)))
+    torch.testing.assert_close(two[0], x)
+    for k, v in enumerate(four):
+        torch.testing.assert_close(v, torch.rot90(x, k, dims=(2, 3)))
+    for v, w in zip(eight[:4], four):
+        torch.testing.assert_close(v, w)
+    assert [tta_views(t) for t in (False, 0, 1, 2, 4, 8, True)] == [1, 1, 1, 2, 4, 8, 8]
+    for bad in (3, 16, -1, "2", 2.0):
+        with pytest.raises(InputError, match="features.tta"):
+            tta_views(bad)
+    centres = np.array([[20.0, 30.0], [5.0, 5.0], [40.0, 12.5]])
+    def key(t):
+        return feature_cache_path(tmp_path, img_path, centres, 16, "counting", t)
+
+    assert key(True) == key(8) and key(False) == key(1) == key(0)  # (True == 1 in Python: no dict of these)
+    assert len({key(1), key(2), key(4), key(8)}) == 4
+    kw = dict(patch_px=16, encoder="counting", cache_dir=tmp_path / "cache", show_progress=False, batch_size=2)
+    extract_features(img_path, centres, tta=2, **kw)
+    assert counting.calls == 3 * 2  # two encoder passes per patch
+    extract_features(img_path, centres, tta=2, **kw)
+    assert counting.calls == 3 * 2  # cached under its own key
+    with pytest.raises(InputError, match="features.tta"):
+        extract_features(img_path, centres, tta=3, **kw)
+    from stgen.workflows.config import StgenConfig
+
+    assert StgenConfig.from_dict({"features": {"tta": 2}}).features.tta == 2
+    with pytest.raises(InputError, match="features.tta"):
+        StgenConfig.from_dict({"features": {"tta": 5}})

@@ -9,6 +9,21 @@ import numpy as np
 from stgen.utils.io import atomic_path, sha256_file, sha256_json
 from stgen.features.registry import _REGISTRY
 from stgen.features.registry import _parts
+from stgen.errors import InputError
+
+#: test-time augmentation: how many dihedral views of a patch are averaged (1 = off)
+TTA_VIEWS = (1, 2, 4, 8)
+
+
+def tta_views(tta: bool | int) -> int:
+    """The number of views ``tta`` asks for: ``False``/0/1 -> 1 (no augmentation), ``True``/8 -> 8 (every
+    flip and rotation), 2 (the patch and its 180-degree rotation), 4 (the four rotations). InputError otherwise.
+    """
+    if isinstance(tta, bool):
+        return 8 if tta else 1
+    if isinstance(tta, (int, np.integer)) and int(tta) in (0, *TTA_VIEWS):
+        return max(1, int(tta))
+    raise InputError(f"features.tta must be true/false or a number of views {TTA_VIEWS}, got {tta!r}")
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +59,21 @@ def feature_cache_path(
     centers_xy: np.ndarray,
     patch_px: int,
     encoder: str,
-    tta: bool,
+    tta: bool | int,
     input_px: int | None = None,
     image_scale: float = 1.0,
 ) -> Path:
-    """Cache file ``<cache_dir>/features/<key>.npy`` for these inputs (hashes the image; ``image_scale``: image
-    pixels per full-resolution pixel of a downsampled image, :class:`stgen.image.scaled.SlideRef`)."""
+    """Cache file ``<cache_dir>/features/<key>.npy`` for these inputs (hashes the image; ``tta``: the number of
+    views averaged, or a bool (8 views / none); ``image_scale``: image pixels per full-resolution pixel of a
+    downsampled image, :class:`stgen.image.scaled.SlideRef`)."""
+    views = tta_views(tta)
     key = {
         "image_sha256": _image_sha256(Path(image_path)),
         "centers_sha256": _centers_sha256(np.asarray(centers_xy, dtype=np.float64)),
         "patch_px": int(patch_px),
         "encoder": encoder,
-        "tta": bool(tta),
+        # on/off as before for 1 and 8 views, so every cache written before view counts stays valid
+        "tta": views > 1 if views in (1, 8) else views,
         "version": FEATURE_CODE_VERSION,
     }
     if input_px is not None:  # only then, so that the keys of every cache written before it stay valid

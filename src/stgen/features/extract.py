@@ -24,13 +24,16 @@ from stgen.features.cache import _load_cached
 from stgen.features.registry import _spec
 from stgen.features.cache import _write_checksum
 from stgen.features.registry import build_encoder
-from stgen.features.cache import feature_cache_path
+from stgen.features.cache import feature_cache_path, tta_views
 
 
-def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
-    """The 8 dihedral transforms (4 rotations x optional horizontal flip) of a (B, C, H, W) batch."""
+def dihedral_views(x: torch.Tensor, n: int = 8) -> list[torch.Tensor]:
+    """The first ``n`` (2, 4 or 8) dihedral transforms of a (B, C, H, W) batch: ``n`` = 8 gives the 4 rotations
+    x optional horizontal flip, 4 the rotations, 2 the identity and the 180-degree rotation."""
+    if n == 2:
+        return [x, torch.rot90(x, 2, dims=(2, 3))]
     views = []
-    for flip in (False, True):
+    for flip in (False, True)[: 2 if n == 8 else 1]:
         y = torch.flip(x, dims=(3,)) if flip else x
         for k in range(4):
             views.append(torch.rot90(y, k, dims=(2, 3)))
@@ -45,7 +48,7 @@ def extract_features(
     centers_xy: np.ndarray,
     patch_px: int = 224,
     encoder: str = "efficientnet-lite0",
-    tta: bool = False,
+    tta: bool | int = False,
     batch_size: int = 32,
     cache_dir: str | os.PathLike | None = None,
     show_progress: bool = True,
@@ -65,7 +68,8 @@ def extract_features(
     encoder : encoder spec: a registered name (see :func:`encoder_names`), ``uni:PATH``,
         ``conch:PATH``, ``timm:ARCH:PATH``, ``torchscript:PATH``, or several joined by ``+``
         (features concatenated; :mod:`stgen.features.spec`).
-    tta : average features over the 8 dihedral transforms of each patch.
+    tta : average features over dihedral transforms of each patch: ``True`` or 8 (all 8), 4 (the rotations),
+        2 (the patch and its 180-degree rotation), ``False``/1 (none); :func:`stgen.features.cache.tta_views`.
     batch_size : patches per encoder call.
     cache_dir : if given, features are cached in ``<cache_dir>/features/<key>.npy``
         keyed by image content, centres, patch size, encoder, tta and code version;
@@ -102,10 +106,12 @@ def extract_features(
         raise InputError(f"encoder {encoder!r} only encodes patches at its own input size; input_px={input_px} "
                          f"needs a convolutional encoder such as efficientnet-lite0")
     n = len(c)
+    views = tta_views(tta)
 
     cache_file = None
     if cache_dir is not None:
-        cache_file = feature_cache_path(cache_dir, image_path, c, patch_px, encoder, tta, input_px, image_scale=ref.scale)
+        cache_file = feature_cache_path(cache_dir, image_path, c, patch_px, encoder, views, input_px,
+                                        image_scale=ref.scale)
         cached = _load_cached(cache_file, (n, spec.dim))
         if cached is not None:
             return cached
@@ -120,8 +126,8 @@ def extract_features(
         for s in range(0, n, int(batch_size)):
             patches = slide.read_patches(c[s : s + batch_size], int(patch_px))
             x = torch.from_numpy(patches).permute(0, 3, 1, 2).float().div_(255.0)
-            if tta:
-                f = torch.stack([enc(v.contiguous(), **kw) for v in dihedral_views(x)]).mean(0)
+            if views > 1:
+                f = torch.stack([enc(v.contiguous(), **kw) for v in dihedral_views(x, views)]).mean(0)
             else:
                 f = enc(x, **kw)
             f = f.detach().float().cpu().numpy()

@@ -54,8 +54,15 @@ class FeatureConfig:
     # patch side in microns: each section's patch is patch_um / mpp pixels (sections scanned at other
     # resolutions); None = patch_px pixels everywhere (predict still converts by the slide's mpp)
     patch_um: float | None = None
-    tta: bool = False  # mean over the 8 flips/rot90
+    # test-time augmentation: the mean feature over dihedral views of each patch, true/8 (all flips and rotations),
+    # 4 (rotations), 2 (the patch and its 180-degree rotation), false/1 (off)
+    tta: bool | int = False
     batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        from stgen.features.cache import tta_views
+
+        tta_views(self.tta)  # InputError naming features.tta for anything but a bool or 1, 2, 4, 8
 
 
 def _model_section(name: str):
