@@ -99,7 +99,7 @@ class FeatureSettings:
 
     encoder: str = "efficientnet-lite0"
     patch_px: int = 224
-    tta: bool | int = False  # dihedral views averaged (stgen.features.extract.tta_views)
+    tta: bool | int = False  # dihedral views averaged (stgen.features.cache.tta_views)
     batch_size: int = 32
     cache_dir: Path | None = None
     progress: bool = False

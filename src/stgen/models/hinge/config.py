@@ -24,8 +24,8 @@ REVEALS = ("mean", "sample")
 ESTIMATES = ("mixture", "draws")
 #: what the ``hinge-paper`` model (:class:`~stgen.models.hinge.model.HingePaperModel`) sets: HINGE as
 #: published (no predictive head, prediction revealed, 10 samples of K = 5); every other field as ``hinge``
-PAPER_PRESET = {"predictive": "none", "reveal": "mean", "estimate": "mixture", "steps": 5, "samples": 10, "sd_scale": 1.0,
-                "context_radii": [], "feat_dropout": 0.0, "grad_clip": None}
+PAPER_PRESET = {"predictive": "none", "reveal": "mean", "estimate": "mixture", "steps": 5, "samples": 10,
+                "sd_scale": 1.0, "context_radii": [], "feat_dropout": 0.0, "grad_clip": None}
 #: the architecture a run saved before the predictive head (or the spatial context) existed was trained with
 LEGACY_ARCH = {"predictive": "none", "context_radii": []}
 
@@ -51,8 +51,8 @@ class HingeConfig:
     leave-one-section-out folds). :meth:`paper` gives HINGE as published (:data:`PAPER_PRESET`).
 
     Raises InputError naming the bad value of an unknown ``adaptation``, ``objective``, ``predictive``,
-    ``reveal`` or ``estimate``, ``reveal: sample`` without the head, ``estimate: draws`` without it, ``sd_scale <= 0``, a LoRA rank < 1 or a field that is not a number where
-    one is expected.
+    ``reveal`` or ``estimate``, ``reveal: sample`` without the head, ``estimate: draws`` without it,
+    ``sd_scale <= 0``, a LoRA rank < 1 or a field that is not a number where one is expected.
     """
 
     T: int = 50
@@ -112,7 +112,8 @@ class HingeConfig:
     # MSE) | draws = the mean of the samples' revealed draws, which keeps each gene's predictive noise / samples:
     # on the nested inner folds (outer C2) K = 3 x 10 draws gave PCC-50 0.696 / GSC 0.713 / SSC 0.290 against
     # the mixture's 0.710 / 0.677 / 0.081 at a quarter of the throughput, so mixture stays the default
-    # (docs/results.md, "Averaged draws"). Sampling only: the same fitted network serves both.
+    # (docs/results.md, "HINGE: the predictive mean against averaged draws"). Sampling only: one fitted network
+    # serves both.
     estimate: str = "mixture"
 
     def __post_init__(self) -> None:
