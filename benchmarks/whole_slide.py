@@ -41,9 +41,9 @@ that the times can be read against the machine. Every number is measured in this
 The memory that grows with the number of spots N is estimated from the array shapes and printed next to the
 measured peaks: features ``N x F`` float32, the outputs ``N x G`` (mean and sd, and their float32 copies in the
 AnnData) and, for HINGE, the neighbour-mean features of its spatial context (``N x F`` per radius), the first
-reverse step's outputs and the sampler's sample-major order noise and results (``samples x N x G`` each). ``--scaling 1000,5000`` runs
-the whole benchmark (``--run`` only) once per size, each in a fresh Python process, and prints spots, end-to-end
-time, its peak RSS and RSS at its start per size, and the measured growth of the end-to-end peak per 1000 spots
+reverse step's outputs and the sampler's sample-major order noise and results (``samples x N x G`` each).
+``--scaling 1000,5000`` runs the whole benchmark (``--run`` only) once per size, each in a fresh Python
+process, and prints spots, end-to-end time, its peak RSS and RSS at its start per size, and the measured growth of the end-to-end peak per 1000 spots
 next to the estimate, so that a reader sees whether memory is flat in the number of spots.
 
 Threads: ``--threads`` sets torch's, BLAS's (threadpoolctl) and ONNX Runtime's intra-op threads. On a machine
@@ -200,7 +200,8 @@ def _onnx_files() -> set[str]:
     return {p.name for p in d.glob("*.onnx")} if d.is_dir() else set()
 
 
-def n_proportional_mb(model: str, n: int, f: int, g: int, samples: int, n_context: int = 0, head: bool = False) -> dict:
+def n_proportional_mb(model: str, n: int, f: int, g: int, samples: int, n_context: int = 0,
+                      head: bool = False) -> dict:
     """Estimated MB of the arrays that grow with the spots N during an end-to-end predict (float32).
 
     HINGE: its condition inputs ``N x F(1 + n_context)`` (the spot feature and one neighbour mean per context

@@ -22,7 +22,7 @@ from stgen.errors import InputError
 from stgen.models.base import (FeatureSettings, FitContext, SectionInput, SpotModel, autocast_dtype,
                                check_sampler_options, load_state_strict, read_weights,
                                sampling_device)
-from stgen.models.hinge.config import ESTIMATES, HingeConfig
+from stgen.models.hinge.config import HingeConfig
 from stgen.models.hinge.network import HINGE
 from stgen.models.hinge.training import train_hinge
 from stgen.nn.graph import neighbour_mean
@@ -131,7 +131,8 @@ class HingeModel(SpotModel):
         ``estimate`` (default: the run's, ``mixture`` for older runs) is the returned mean: ``mixture`` (the
         predictive mean) or ``draws`` (the mean of the revealed draws, which keeps ``sd**2 / samples`` of
         predictive noise per value: higher GSC and SSC, lower PCC-50; needs ``reveal`` ``sample``); the sd is
-        the predictive sd either way. InputError for ``draws`` with ``reveal`` ``mean``.
+        the predictive sd either way. InputError (from :meth:`HINGE.generate`) for an unknown ``estimate`` or
+        ``draws`` with ``reveal`` ``mean``.
 
         A run with a spatial context (``hinge.context_radii``, the default) conditions each spot on its own
         feature and the mean features of its neighbours within each radius (:func:`condition_inputs`), computed
@@ -151,11 +152,6 @@ class HingeModel(SpotModel):
             raise InputError("reveal 'sample' needs a HINGE run with the predictive head; this run has none "
                              "(hinge-paper, or saved before it existed): refit with hinge.predictive: gaussian")
         estimate = estimate or self.meta.get("estimate", "mixture")  # runs saved before `estimate`: the mixture
-        if estimate not in ESTIMATES:
-            raise InputError(f"unknown HINGE estimate {estimate!r}; choose one of {ESTIMATES}")
-        if estimate == "draws" and reveal != "sample":
-            raise InputError("estimate 'draws' averages revealed draws: it needs reveal 'sample' and a HINGE run "
-                             "with the predictive head")
         batch_size = batch_size or self.cfg.sample_batch_size
         check_sampler_options(samples, batch_size)
         dtype = autocast_dtype(precision or self.cfg.precision)

@@ -203,18 +203,19 @@ class HINGE(nn.Module):
         of the Gaussian mixture of the samples' reveal-time moments
         (:func:`~stgen.sampling.masking.mixture_moments`); without it, the samples' mean and sd.
         ``estimate="draws"`` (with ``reveal="sample"``) returns instead the mean of the revealed draws, beside
-        the same mixture sd. ValueError for an unknown ``reveal`` or ``estimate``, ``sample`` without the head,
-        or ``draws`` without ``sample``.
+        the same mixture sd. ValueError for an unknown ``reveal`` or ``sample`` without the head; InputError
+        (a ValueError) for an unknown ``estimate`` or ``draws`` without ``sample``.
         """
         self.eval()
         if reveal not in REVEALS:
             raise ValueError(f"unknown reveal {reveal!r}; choose one of {REVEALS}")
         if reveal == "sample" and not self.has_sd:
             raise ValueError("reveal='sample' needs the predictive head (hinge.predictive: gaussian)")
-        if estimate not in ESTIMATES:
-            raise ValueError(f"unknown estimate {estimate!r}; choose one of {ESTIMATES}")
+        if estimate not in ESTIMATES:  # InputError (a ValueError): HingeModel.predict passes the user's value
+            raise InputError(f"unknown HINGE estimate {estimate!r}; choose one of {ESTIMATES}")
         if estimate == "draws" and reveal != "sample":
-            raise ValueError("estimate='draws' needs reveal='sample' (the draws of the predictive head)")
+            raise InputError("estimate 'draws' averages revealed draws: it needs reveal 'sample' and a HINGE run "
+                             "with the predictive head")
         n, device, g = feats.shape[0], feats.device, len(self.panel)
         noise = normals = None
         n_rows = n_samples * n  # sample-major rows: row r is spot r % n (features gathered per batch, not copied)
