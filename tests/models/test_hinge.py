@@ -273,3 +273,30 @@ def test_draws_estimate_averages_the_revealed_draws_beside_the_same_mixture_sd()
     with pytest.raises(InputError, match="estimate"):
         HingeConfig(estimate="mode")
     assert HingeConfig(estimate="draws").paper().estimate == "mixture"
+
+
+def test_condition_token_starts_as_the_network_without_it_and_gives_histology_a_key_at_t_T():
+    """``cond_token``: with its gates at 0 the network computes what it computes without the token; once a gate
+    opens, an all-masked spot (t = T, no gene key) reads the histology through the token's key alone."""
+    from stgen.models.hinge.config import HingeConfig
+
+    cfg = BackboneConfig(dim=32, n_layers=2, n_heads=4, value_bins=16, masked_kv_layers=2)  # every block masked
+    torch.manual_seed(0)
+    plain = HINGE(ExpressionBackbone(GENES, cfg), GENES[:12], feat_dim=10, T=50)
+    torch.manual_seed(0)
+    tok = HINGE(ExpressionBackbone(GENES, cfg), GENES[:12], feat_dim=10, T=50,
+                config=HingeConfig(cond_token=True))
+    x, vis, t, f = _inputs()
+    torch.testing.assert_close(tok(x * vis, vis, t, f), plain(x * vis, vis, t, f), atol=1e-6, rtol=0)
+    none = torch.zeros_like(vis)
+    tT = torch.full((5,), 50)
+    # SoftAdaLN heads at identity: histology reaches no block, with or without the closed token
+    assert torch.equal(tok(x * 0, none, tT, f), tok(x * 0, none, tT, f + 1.0))
+    with torch.no_grad():
+        tok.cond_key_gate.fill_(1.0)
+    assert not torch.allclose(tok(x * 0, none, tT, f), tok(x * 0, none, tT, f + 1.0), atol=1e-4)
+    # the gates train: one step of a masked loss moves them off 0
+    tok2 = HINGE(ExpressionBackbone(GENES, cfg), GENES[:12], feat_dim=10, T=50, config=HingeConfig(cond_token=True))
+    loss = ((tok2(x * vis, vis, t, f) - x) ** 2).mean()
+    loss.backward()
+    assert tok2.cond_key_gate.grad is not None and tok2.cond_key_gate.grad.abs().sum() > 0

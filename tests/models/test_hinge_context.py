@@ -100,7 +100,7 @@ def test_condition_dropout_is_drawn_from_the_step_generator_for_the_global_batch
     from stgen.models.hinge.training import HingeModule
     from stgen.sampling.masking import MaskSchedule
 
-    genes = [f"G{i}" for i in range(8)]
+    genes = [f"G{i}" for i in range(50)]
     torch.manual_seed(0)
     bb = ExpressionBackbone(genes, BackboneConfig(dim=16, n_layers=2, n_heads=2, value_bins=8))
     feats = torch.randn(64, 10) * 2 + 1
@@ -147,3 +147,39 @@ def test_draws_estimate_is_a_sampling_switch_saved_with_the_run_and_refused_with
     draws.hinge = replace(draws.hinge, estimate="draws")
     assert config_hash(draws, "hinge", "X") != config_hash(base, "hinge", "X")
     assert config_hash(draws, "ridge", "X") == config_hash(base, "ridge", "X")
+
+
+def test_condition_token_run_saves_loads_and_older_runs_have_none(fold, tmp_path):
+    """A ``cond_token`` run rebuilds its token on load; a run.json without the field has no token; the paper
+    preset has none; a non-bool value and a backbone that brings its own cls token are refused."""
+    from stgen.workflows.rundir import config_hash
+
+    train, test, fs, panel = fold
+    cfg = replace(StgenConfig.from_dict(TINY).hinge, cond_token=True)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = HingeModel.fit(train, panel, cfg, fs, progress=False, context=backbone_context(panel))[0]
+    finally:
+        torch.set_num_threads(n)
+    assert model.net.cond_token is not None and model.net.cond_key_gate.abs().sum() > 0  # the gates trained
+    run_meta = {"model": "hinge", "panel": panel, "feature_dim": int(test.feats.shape[1]),
+                "hinge": model.save(tmp_path), **model.run_entries()}
+    loaded = HingeModel.load(tmp_path, run_meta, cfg)
+    assert loaded.net.config.cond_token is True
+    np.testing.assert_allclose(loaded.predict(test, fs, seed=2)[0], model.predict(test, fs, seed=2)[0], atol=1e-6)
+    arch = {k: v for k, v in model.meta["config"].items() if k != "cond_token"}
+    assert HingeConfig.from_architecture(arch).cond_token is False  # a run.json written before the field
+    assert HingeConfig(cond_token=True).paper().cond_token is False
+    with pytest.raises(InputError, match="cond_token"):
+        HingeConfig(cond_token="yes")
+    from stgen.backbones.cellfm import CellFMBackbone, CellFMConfig
+    from stgen.models.hinge.network import HINGE
+
+    genes = [f"G{i}" for i in range(50)]
+    with pytest.raises(InputError, match="cond_token needs the embedded backbone"):
+        HINGE(CellFMBackbone(CellFMConfig.tiny(), genes), genes, feat_dim=4, T=50, config=HingeConfig(cond_token=True))
+    base, tok = StgenConfig.from_dict(TINY), StgenConfig.from_dict(TINY)
+    tok.hinge = replace(tok.hinge, cond_token=True)
+    assert config_hash(tok, "hinge", "X") != config_hash(base, "hinge", "X")
+    assert config_hash(tok, "ridge", "X") == config_hash(base, "ridge", "X")

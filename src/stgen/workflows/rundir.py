@@ -181,11 +181,12 @@ class _PartialRun:
 
 #: ``hinge`` fields read by HINGE alone (sampler, predictive head) and the values other models' hashes keep
 HINGE_ONLY = ("steps", "samples", "predictive", "reveal", "estimate", "sd_scale", "context_radii", "grad_clip",
-              "feat_dropout")
+              "feat_dropout", "cond_token")
 HINGE_ONLY_AS_HASHED = {"steps": 5, "samples": 10}
 #: ``hinge`` fields added after the predictive head, at the value every earlier run was trained with: at that
 #: value they stay out of HINGE's hash too, so runs (and the shipped zoo run) keep their identity
-HINGE_ADDED_AS_BEFORE = {"context_radii": [], "grad_clip": None, "feat_dropout": 0.0, "estimate": "mixture"}
+HINGE_ADDED_AS_BEFORE = {"context_radii": [], "grad_clip": None, "feat_dropout": 0.0, "estimate": "mixture",
+                         "cond_token": False}
 
 
 def config_hash(cfg: StgenConfig, model: str, test_section: str) -> str:

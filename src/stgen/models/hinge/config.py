@@ -16,7 +16,7 @@ ADAPTATIONS = ("hinge", "scratch", "decoder_tune", "lora")
 OBJECTIVES = ("mask", "gauss")
 #: the fields that define the adapter network (stored in run.json; the rest is training and sampling)
 ARCH_FIELDS = ("cond_dim", "time_dim", "soft_norm", "identity_init", "gate", "adaptation", "lora_rank",
-               "lora_alpha", "objective", "predictive", "context_radii")
+               "lora_alpha", "objective", "predictive", "context_radii", "cond_token")
 PREDICTIVES = ("gaussian", "none")
 REVEALS = ("mean", "sample")
 #: the point prediction: ``mixture`` (the mean of the samples' reveal-time means) | ``draws`` (the mean of the
@@ -25,9 +25,9 @@ ESTIMATES = ("mixture", "draws")
 #: what the ``hinge-paper`` model (:class:`~stgen.models.hinge.model.HingePaperModel`) sets: HINGE as
 #: published (no predictive head, prediction revealed, 10 samples of K = 5); every other field as ``hinge``
 PAPER_PRESET = {"predictive": "none", "reveal": "mean", "estimate": "mixture", "steps": 5, "samples": 10,
-                "sd_scale": 1.0, "context_radii": [], "feat_dropout": 0.0, "grad_clip": None}
+                "sd_scale": 1.0, "context_radii": [], "feat_dropout": 0.0, "grad_clip": None, "cond_token": False}
 #: the architecture a run saved before the predictive head (or the spatial context) existed was trained with
-LEGACY_ARCH = {"predictive": "none", "context_radii": []}
+LEGACY_ARCH = {"predictive": "none", "context_radii": [], "cond_token": False}
 
 
 @dataclass
@@ -43,7 +43,9 @@ class HingeConfig:
     the Gaussian NLL beside the paper's loss, :mod:`stgen.models.hinge.network`) | ``none`` (the paper);
     ``context_radii`` (spot pitches) - the condition also reads, per radius ``r``, the mean feature of the
     spots within ``r`` pitches (:func:`stgen.nn.graph.neighbour_mean`), so ``phi`` sees
-    ``[v; v_ctx(r_1); ...; e_t]``; ``[]`` is the paper's single-patch condition.
+    ``[v; v_ctx(r_1); ...; e_t]``; ``[]`` is the paper's single-patch condition; ``cond_token`` (embedded
+    backbone) prepends a condition token ``W c_t`` that every block can read as a key, behind a per-block
+    gate that starts at 0 (so the network starts as without it), see :class:`~stgen.models.hinge.network.HINGE`.
 
     Sampler: ``steps`` (K), ``samples``, ``reveal`` ``mean`` (reveal x0_hat, the paper) | ``sample`` (reveal a
     draw from the predictive head), ``estimate`` ``mixture`` | ``draws`` (the point prediction,
@@ -115,6 +117,10 @@ class HingeConfig:
     # (docs/results.md, "HINGE: the predictive mean against averaged draws"). Sampling only: one fitted network
     # serves both.
     estimate: str = "mixture"
+    # always-visible condition token (issue 15, hypothesis 1): at t = T every gene is masked, so the embedded
+    # backbone's masked-key blocks have no key at all and histology reaches them only through the modulation;
+    # CellFM and the HINGE code keep a cls token as a key. False: the paper's network on the embedded backbone
+    cond_token: bool = False
 
     def __post_init__(self) -> None:
         coerce_numbers(self, "hinge")
@@ -142,6 +148,8 @@ class HingeConfig:
         self.context_radii = [float(r) for r in self.context_radii]
         if self.reveal == "sample" and self.predictive == "none":
             raise InputError("hinge.reveal: sample needs the predictive head (hinge.predictive: gaussian)")
+        if not isinstance(self.cond_token, bool):
+            raise InputError(f"hinge.cond_token must be true or false, got {self.cond_token!r}")
         if self.estimate not in ESTIMATES:
             raise InputError(f"unknown HINGE estimate {self.estimate!r}; choose one of {ESTIMATES}")
         if self.estimate == "draws" and self.reveal != "sample":

@@ -37,6 +37,13 @@ path's gradients and so its training are the paper's). ``reveal="sample"``
 reveals draws from it (:mod:`stgen.sampling.masking`); the returned sd is the
 Gaussian-mixture sd over samples (:func:`~stgen.sampling.masking.mixture_moments`).
 ``predictive="none"`` is the paper's network (the sample sd only).
+
+Condition token (stgen, beyond the paper; ``cond_token=True``, embedded backbone only): a token ``W c_t``
+is prepended to the gene tokens and passes through every block; in each block its retention key is scaled
+by a learned gate ``g_l`` (one scalar per block, 0 at init) and it is always a key, also in the blocks that
+drop masked genes from the keys. At t = T every gene is masked, so without it those blocks have no key and
+their retention output is exactly 0 (CellFM and the HINGE code keep an always-visible cls token for this).
+With every ``g_l = 0`` the network computes exactly what it computes without the token.
 """
 
 from __future__ import annotations
@@ -107,6 +114,13 @@ class HINGE(nn.Module):
         # built last, so every other weight starts as in the paper's network (same RNG draws)
         self.sd_head = (nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 1))
                         if config.predictive == "gaussian" else None)
+        self.cond_token = self.cond_key_gate = None
+        if config.cond_token:  # after the head: the other weights start as without the token
+            if not isinstance(backbone, ExpressionBackbone):
+                raise InputError("hinge.cond_token needs the embedded backbone (CellFM and scGPT bring their own "
+                                 f"cls token), got {type(backbone).__name__}")
+            self.cond_token = nn.Linear(c, d)
+            self.cond_key_gate = nn.Parameter(torch.zeros(len(backbone.blocks)))
 
     def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Standardisation of histology features, fitted on training spots.
@@ -129,10 +143,18 @@ class HINGE(nn.Module):
         the backbone's ``n_prefix`` = P leading non-gene tokens (CellFM's and scGPT's cls; 0 for the embedded one)."""
         c = self.condition(feats, t)
         h = self.backbone.embed(x_t, self.gene_idx, visible)
+        kvs = self.backbone.kv_masks(visible)
+        if self.cond_token is not None:  # (B, 1 + G, D); key weights [g_l, visible] (the backbone's retention
+            h = torch.cat([self.cond_token(c).unsqueeze(1).to(h.dtype), h], dim=1)  # multiplies keys by them)
+            gates = self.cond_key_gate.to(h.dtype)
+            kvs = [torch.cat([gates[i].expand(h.shape[0], 1),
+                              torch.ones_like(visible, dtype=h.dtype) if kv is None else kv.to(h.dtype)], dim=1)
+                   for i, kv in enumerate(kvs)]
         mods = zip(self.mod_attn, self.mod_ffn) if self.mod_attn is not None else itertools.repeat((None, None))
-        for blk, kv, (ma, mf) in zip(self.backbone.blocks, self.backbone.kv_masks(visible), mods):
+        for blk, kv, (ma, mf) in zip(self.backbone.blocks, kvs, mods):
             h = blk(h, kv, cond=c, mod_attn=ma, mod_ffn=mf)
-        return self.mod_dec(h, c)[0]
+        h = self.mod_dec(h, c)[0]
+        return h if self.cond_token is None else h[:, 1:]
 
     def forward(self, x_t: torch.Tensor, visible: torch.Tensor, t: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         """``x0_hat`` (B, G) for all genes (target units)."""
