@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 
     from stgen.data.her2st import read_section
     from stgen.evaluation.metrics import evaluate
-    from stgen.models.flag.model import graph_builder
+    from stgen.models.base import SectionInput
+    from stgen.models.flag.model import graph_builder, image_inputs
     from stgen.workflows.analysis import section_truth
     from stgen.workflows.inputs import section_features
     from stgen.workflows.paths import default_cache_dir, default_data_dir
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     genes = list(run.panel)
     net = run.model.net.eval()
     graph = graph_builder(run.model.meta)(xy, feats)
-    f = torch.as_tensor(feats, dtype=torch.float32)
+    f = torch.as_tensor(image_inputs(SectionInput(args.section, xy, feats), net.config.context_radii),
+                        dtype=torch.float32)
 
     def score(pred):
         m = evaluate(pred, truth, genes, coords=xy)

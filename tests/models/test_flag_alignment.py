@@ -190,3 +190,41 @@ def test_paper_size_preset_loads_with_table_5_sizes():
     assert len(net.blocks) == 12 and len(net.graph_encoder.blocks) == 6
     n = sum(p.numel() for p in net.parameters())
     assert 40e6 < n < 60e6  # 12 DiT + 6 graph blocks of width 384 with adaLN: 48M
+
+
+def test_context_radii_feed_neighbour_means_to_the_network_not_to_the_graph_edges():
+    """``flag.context_radii``: the network reads (N, F * (1 + radii)) inputs, the spot graph's image-similarity
+    edges the spot's own features; the run round-trips, a run.json without the field reads the spot feature
+    only and keeps its config hash, bad radii are refused."""
+    from stgen.models.flag.model import graph_builder, image_inputs
+    from stgen.nn.graph import neighbour_mean
+    from stgen.workflows.config import StgenConfig
+    from stgen.workflows.rundir import config_hash
+
+    bb = _backbones()[0]
+    panel = ["G1", "G2", "G3", "G4", "G5", "G9"]
+    model, _ = _fit(panel, bb, context_radii=[1.5])
+    assert model.net.feat_dim == 8 and model.meta["config"]["context_radii"] == [1.5]
+    sec = _sections(1, G=6, seed=3)[0]
+    inputs = image_inputs(sec, [1.5])
+    np.testing.assert_array_equal(inputs[:, :4], sec.feats)
+    np.testing.assert_allclose(inputs[:, 4:], neighbour_mean(sec.feats, sec.xy, 1.5), rtol=1e-6)
+    a = graph_builder(model.meta, 4)(sec.xy, inputs)
+    b = graph_builder(model.meta)(sec.xy, sec.feats)
+    assert torch.equal(a.edge_attr, b.edge_attr) and torch.equal(a.neighbors, b.neighbors)
+    tensors, fm = model.state()
+    again = FlagModel.from_state(tensors, {"flag": fm, "panel": panel, "feature_dim": 4}, model.cfg)
+    assert np.array_equal(model.predict(sec, FeatureSettings(), seed=1)[0],
+                          again.predict(sec, FeatureSettings(), seed=1)[0])
+    plain, _ = _fit(panel, bb)
+    tensors, fm = plain.state()
+    old = {**fm, "config": {k: v for k, v in fm["config"].items() if k != "context_radii"}}
+    assert FlagModel.from_state(tensors, {"flag": old, "panel": panel, "feature_dim": 4},
+                                plain.cfg).net.config.context_radii == []
+    base, ctx = StgenConfig(), StgenConfig()
+    ctx.flag = FlagConfig(context_radii=[1.5])
+    assert "context_radii" in base.to_dict()["flag"]
+    assert config_hash(ctx, "flag", "X") != config_hash(base, "flag", "X")
+    for bad in ([0.0], 1.5, [True]):
+        with pytest.raises(InputError, match="context_radii"):
+            FlagConfig(context_radii=bad)

@@ -29,7 +29,7 @@ spot itself first.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -221,3 +221,16 @@ def neighbour_mean(values: np.ndarray, xy: np.ndarray, radius: float = 1.5) -> n
     out = np.asarray(adj @ v) / np.maximum(deg, 1.0)[:, None]
     out[deg == 0] = v[deg == 0]
     return out.astype(np.float32)
+
+
+def neighbour_context(values: np.ndarray, xy: np.ndarray, radii: Sequence[float]) -> np.ndarray:
+    """``values`` with, per radius ``r`` (spot pitches), the :func:`neighbour_mean` of the spots within ``r``
+    pitches appended: (N, F) -> (N, F * (1 + len(radii))) float32, the spot's own columns first. ``radii = []``
+    returns ``values`` as they are. What HINGE's and FLAG's ``context_radii`` feed their networks.
+
+    Raises InputError as :func:`neighbour_mean`.
+    """
+    if not len(radii):
+        return values
+    return np.concatenate([np.asarray(values, dtype=np.float32),
+                           *(neighbour_mean(values, xy, r) for r in radii)], axis=1)

@@ -187,6 +187,8 @@ HINGE_ONLY_AS_HASHED = {"steps": 5, "samples": 10}
 #: value they stay out of HINGE's hash too, so runs (and the shipped zoo run) keep their identity
 HINGE_ADDED_AS_BEFORE = {"context_radii": [], "grad_clip": None, "feat_dropout": 0.0, "estimate": "mixture",
                          "cond_token": False}
+#: the same for the ``flag`` section: fields added after the five-fold FLAG runs of issue 16
+FLAG_ADDED_AS_BEFORE = {"context_radii": []}
 
 
 def config_hash(cfg: StgenConfig, model: str, test_section: str) -> str:
@@ -204,9 +206,10 @@ def config_hash(cfg: StgenConfig, model: str, test_section: str) -> str:
     if not model.startswith("hinge"):  # HINGE's sampler and head train no other model: they enter other
         d["hinge"] = {**{k: v for k, v in d["hinge"].items() if k not in HINGE_ONLY},  # models' hashes at
                       **HINGE_ONLY_AS_HASHED}  # their values when those hashes were first computed
-    for k, before in HINGE_ADDED_AS_BEFORE.items():
-        if d["hinge"].get(k, before) == before:
-            d["hinge"].pop(k, None)
+    for section, added in (("hinge", HINGE_ADDED_AS_BEFORE), ("flag", FLAG_ADDED_AS_BEFORE)):
+        for k, before in added.items():
+            if section in d and d[section].get(k, before) == before:
+                d[section].pop(k, None)
     for other in MODELS:
         if other != model and not spot_model(other).in_every_hash:
             d.pop(other, None)

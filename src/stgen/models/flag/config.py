@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from stgen.errors import InputError
 from stgen.sampling.vesde import VESDE
@@ -17,7 +17,7 @@ ALIGN_TARGETS = ("contextual", "static")
 
 #: the fields that define the network (stored in run.json; the rest is training and sampling)
 ARCH_FIELDS = ("dim", "graph_layers", "graph_heads", "dit_layers", "dit_heads", "mlp_ratio", "align_layer", "dropout",
-               "knn", "sigma_min", "sigma_max")
+               "knn", "sigma_min", "sigma_max", "context_radii")
 
 
 @dataclass
@@ -40,7 +40,11 @@ class FlagConfig:
     ``graph_layers``/``graph_heads`` graph-transformer depth and heads; ``dit_layers``/``dit_heads`` gene-DiT
     depth and heads; ``mlp_ratio`` feed-forward expansion; ``align_layer`` the DiT block (1-based) whose gene
     tokens are aligned to the GFM embeddings; ``dropout``; ``knn`` graph neighbours; ``sigma_min``/``sigma_max``
-    VE-SDE noise limits. InputError names the first field out of its range.
+    VE-SDE noise limits; ``context_radii`` (spot pitches, stgen beyond the paper) - each spot's image feature
+    is read beside, per radius ``r``, the mean feature of the spots within ``r`` pitches
+    (:func:`stgen.nn.graph.neighbour_context`, as HINGE's ``context_radii``), ``[]`` the paper's per-spot
+    feature; the graph's image-similarity edges keep reading the spot's own feature. InputError names the
+    first field out of its range.
     """
 
     dim: int = 32  # graph-node and gene-token width (Table 5: 384)
@@ -55,6 +59,8 @@ class FlagConfig:
     sigma_px: float | None = None  # RBF length scale in pixels; None = features.patch_px (FLAG: 224)
     sigma_min: float = 0.01  # VE-SDE limits (Table 5)
     sigma_max: float = 10.0
+    # regional context of the image input (spot pitches; [] = the spot's own feature, the paper)
+    context_radii: list[float] = field(default_factory=list)
     # DSM weight of ||D - x0||^2: edm = (sigma^2 + 1) / sigma^2 (Karras et al., whose VE-SDE FLAG cites) |
     # ve = 1 / sigma^2 (lambda = sigma^2 on the score, Song et al.). With ve the high-noise levels, where the
     # histology decides the sample, get ~1/sigma^2 of the weight: on a synthetic fixture 300 steps of ve left the
@@ -107,6 +113,10 @@ class FlagConfig:
             raise InputError(f"flag.align_target must be one of {ALIGN_TARGETS}, got {self.align_target!r}")
         if self.val_steps is not None and self.val_steps < 1:
             raise InputError(f"flag.val_steps must be >= 1 or null (the inference sampler), got {self.val_steps}")
+        if not isinstance(self.context_radii, (list, tuple)) or not all(
+                isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in self.context_radii):
+            raise InputError(f"flag.context_radii must be a list of positive spot pitches, got {self.context_radii!r}")
+        self.context_radii = [float(r) for r in self.context_radii]
         if self.order not in (1, 2):
             raise InputError(f"flag.order must be 1 (Euler = DDIM) or 2 (Heun), got {self.order!r}")
 
@@ -120,4 +130,4 @@ class FlagConfig:
         unknown = set(arch) - {f.name for f in fields(cls)}
         if unknown:
             raise InputError(f"unknown FLAG architecture field(s) {sorted(unknown)}")
-        return cls(**arch)
+        return cls(**{"context_radii": [], **arch})  # runs saved before the field read the spot's feature only

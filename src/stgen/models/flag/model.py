@@ -28,7 +28,7 @@ from stgen.models.base import (FeatureSettings, FitContext, SectionInput, SpotMo
 from stgen.models.flag.config import FlagConfig
 from stgen.models.flag.network import FLAG
 from stgen.models.flag.training import train_flag
-from stgen.nn.graph import build_spot_graph
+from stgen.nn.graph import build_spot_graph, neighbour_context
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,18 @@ def flag_graph_settings(cfg: FlagConfig, patch_px: int) -> dict:
     return {"sigma_px": float(cfg.sigma_px if cfg.sigma_px is not None else patch_px), "knn": int(cfg.knn)}
 
 
-def graph_builder(settings: dict):
+def graph_builder(settings: dict, feat_dim: int | None = None):
     """``(xy, feats) -> SpotGraph`` with ``settings`` of :func:`flag_graph_settings` (or a FLAG run's
-    ``meta['flag']``, which holds them)."""
-    return lambda xy, feats: build_spot_graph(xy, feats, sigma_px=settings["sigma_px"], k=settings["knn"])
+    ``meta['flag']``, which holds them). With ``feat_dim`` the image-similarity edges read only the first
+    ``feat_dim`` columns of ``feats`` (the spot's own feature, not the appended neighbour means)."""
+    cols = slice(None) if feat_dim is None else slice(0, feat_dim)
+    return lambda xy, feats: build_spot_graph(xy, feats[:, cols], sigma_px=settings["sigma_px"], k=settings["knn"])
+
+
+def image_inputs(section: SectionInput, radii: list[float]) -> np.ndarray:
+    """What FLAG's network reads of ``section``'s image: (N, F * (1 + len(radii))), the spot features with
+    their neighbour means per radius (:func:`stgen.nn.graph.neighbour_context`; ``[]``: the features)."""
+    return neighbour_context(section.feats, section.xy, radii)
 
 
 class FlagModel(SpotModel):
@@ -88,10 +96,12 @@ class FlagModel(SpotModel):
         elif cfg.align_weight > 0:  # float16 halves the memory of (N, G', E) per section; the loss is a cosine
             states = [contextual_gene_states(bb, genes, torch.as_tensor(s.targets)[:, known]).half() for s in train]
         torch.manual_seed(cfg.seed)
-        net = FLAG(cfg, len(panel), train[0].feats.shape[1], emb, align_dim=width if cfg.align_weight > 0 else None)
+        f = train[0].feats.shape[1]
+        net = FLAG(cfg, len(panel), f * (1 + len(cfg.context_radii)), emb,
+                   align_dim=width if cfg.align_weight > 0 else None)
         graph = flag_graph_settings(cfg, context.patch_px)
-        sections = [(s.feats, s.xy, s.targets) for s in train]
-        history = train_flag(net, sections, cfg, graph_builder(graph), progress=progress, align_states=states,
+        sections = [(image_inputs(s, cfg.context_radii), s.xy, s.targets) for s in train]
+        history = train_flag(net, sections, cfg, graph_builder(graph, f), progress=progress, align_states=states,
                              align_genes=torch.nonzero(known).squeeze(-1))
         meta = {"config": cfg.architecture(), "steps": cfg.steps, "samples": cfg.samples, "order": cfg.order, **graph,
                 "embedding_dim": width if net.has_alignment else 0, "align_weight": cfg.align_weight,
@@ -120,7 +130,8 @@ class FlagModel(SpotModel):
         width = fm.get("embedding_dim") or None
         static = fm.get("align_target", "static") == "static"  # runs saved before contextual alignment are static
         emb = torch.zeros(len(meta["panel"]), width) if static and width else None
-        net = FLAG(FlagConfig.from_architecture(fm["config"]), len(meta["panel"]), meta["feature_dim"], emb,
+        arch = FlagConfig.from_architecture(fm["config"])
+        net = FLAG(arch, len(meta["panel"]), meta["feature_dim"] * (1 + len(arch.context_radii)), emb,
                    align_dim=width)
         load_state_strict(net, tensors, source)
         return cls(net.eval(), fm, meta.get("backbone"), cfg)
@@ -141,13 +152,14 @@ class FlagModel(SpotModel):
         dtype = autocast_dtype(precision or self.cfg.precision)
         dev = sampling_device(device)
         graph = graph_builder(self.meta)(section.xy, section.feats)
+        inputs = image_inputs(section, self.net.config.context_radii)
         gen = torch.Generator().manual_seed(seed)
         net = self.net.to(dev)
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-            mean, std = net.generate(torch.as_tensor(section.feats, dtype=torch.float32, device=dev), graph,
+            mean, std = net.generate(torch.as_tensor(inputs, dtype=torch.float32, device=dev), graph,
                                      steps=steps, n_samples=samples, generator=gen, progress=progress,
                                      batch_size=batch_size, order=int(self.meta.get("order", 2)))
         return mean.float().cpu().numpy(), std.float().cpu().numpy()
 
 
-__all__ = ["FlagModel", "flag_graph_settings", "graph_builder"]
+__all__ = ["FlagModel", "flag_graph_settings", "graph_builder", "image_inputs"]

@@ -25,7 +25,7 @@ from stgen.models.base import (FeatureSettings, FitContext, SectionInput, SpotMo
 from stgen.models.hinge.config import HingeConfig
 from stgen.models.hinge.network import HINGE
 from stgen.models.hinge.training import train_hinge
-from stgen.nn.graph import neighbour_mean
+from stgen.nn.graph import neighbour_context
 from stgen.sampling.masking import MaskSchedule, spot_keys
 
 
@@ -42,7 +42,7 @@ def condition_inputs(section: SectionInput, radii: list[float]) -> np.ndarray:
     if section.xy is None:
         raise InputError(f"section {section.name}: this HINGE run conditions on neighbouring spots "
                          f"(hinge.context_radii {radii}) and needs the spots' pixel coordinates")
-    return np.concatenate([section.feats, *(neighbour_mean(section.feats, section.xy, r) for r in radii)], axis=1)
+    return neighbour_context(section.feats, section.xy, radii)
 
 
 class HingeModel(SpotModel):
