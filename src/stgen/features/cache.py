@@ -62,10 +62,12 @@ def feature_cache_path(
     tta: bool | int,
     input_px: int | None = None,
     image_scale: float = 1.0,
+    stain: str = "none",
 ) -> Path:
     """Cache file ``<cache_dir>/features/<key>.npy`` for these inputs (hashes the image; ``tta``: the number of
     views averaged, or a bool (8 views / none); ``image_scale``: image pixels per full-resolution pixel of a
-    downsampled image, :class:`stgen.image.scaled.SlideRef`)."""
+    downsampled image, :class:`stgen.image.scaled.SlideRef`; ``stain``: the stain normalisation,
+    :mod:`stgen.image.stain`)."""
     views = tta_views(tta)
     key = {
         "image_sha256": _image_sha256(Path(image_path)),
@@ -80,6 +82,8 @@ def feature_cache_path(
         key["input_px"] = int(input_px)
     if float(image_scale) != 1.0:  # likewise: full-resolution images keep their keys
         key["image_scale"] = float(image_scale)
+    if stain != "none":  # likewise: features without stain normalisation keep their keys
+        key["stain"] = stain
     if encoder not in _REGISTRY and (":" in encoder or "+" in encoder):
         parts = _parts(encoder)
         if any(p.path is not None for p in parts):  # weights files: key on their bytes, not their paths

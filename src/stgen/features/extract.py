@@ -20,6 +20,7 @@ from stgen.errors import InputError
 from stgen.utils.io import atomic_path
 from stgen.image.scaled import SlideRef, as_slide_ref, open_ref
 from stgen.image.slide import Slide
+from stgen.image.stain import STAIN_METHODS, estimate_stains, normalise_stains, reference_stains
 from stgen.features.cache import _load_cached
 from stgen.features.registry import _spec
 from stgen.features.cache import _write_checksum
@@ -54,6 +55,7 @@ def extract_features(
     show_progress: bool = True,
     input_px: int | None = None,
     slide: Slide | None = None,
+    stain: str = "none",
 ) -> np.ndarray:
     """Encode a square patch around each spot centre.
 
@@ -80,6 +82,8 @@ def extract_features(
         encoders with ``any_size`` (EfficientNet-Lite0: >= 32 px).
     slide : ``image_path`` already opened (:func:`stgen.image.slide.open_slide`; not closed here), so a caller
         that read it (e.g. for a thumbnail) does not decode a JPEG twice; default: opened here.
+    stain : ``none`` or ``macenko``: map every patch to a reference H&E with the slide's Macenko stain
+        matrix, estimated once on its thumbnail (:mod:`stgen.image.stain`), before encoding.
 
     Returns
     -------
@@ -87,8 +91,8 @@ def extract_features(
 
     Raises
     ------
-    InputError : unknown encoder, bad centres/patch size/batch size, or an
-        unreadable image.
+    InputError : unknown encoder or stain method, bad centres/patch size/batch size, an
+        unreadable image, or (``stain="macenko"``) a slide with too little stained tissue.
     """
     spec = _spec(encoder)
     ref = as_slide_ref(image_path)
@@ -105,13 +109,15 @@ def extract_features(
     if input_px is not None and not getattr(spec.factory, "any_size", False):
         raise InputError(f"encoder {encoder!r} only encodes patches at its own input size; input_px={input_px} "
                          f"needs a convolutional encoder such as efficientnet-lite0")
+    if stain not in STAIN_METHODS:
+        raise InputError(f"unknown stain normalisation {stain!r} (features.stain); choose one of {STAIN_METHODS}")
     n = len(c)
     views = tta_views(tta)
 
     cache_file = None
     if cache_dir is not None:
         cache_file = feature_cache_path(cache_dir, image_path, c, patch_px, encoder, views, input_px,
-                                        image_scale=ref.scale)
+                                        image_scale=ref.scale, stain=stain)
         cached = _load_cached(cache_file, (n, spec.dim))
         if cached is not None:
             return cached
@@ -123,8 +129,13 @@ def extract_features(
     # a JPEG/PNG is decoded once; a tiled TIFF / WSI is read lazily, only the tiles under the patches
     with (nullcontext(slide) if slide is not None else open_ref(ref)) as slide, torch.no_grad(), \
             tqdm(total=n, desc=desc, unit="patch", disable=not show_progress) as bar:
+        stains = None
+        if stain == "macenko":  # one stain matrix per slide, from its thumbnail
+            stains = (estimate_stains(slide.thumbnail(2048)[0], where=str(image_path)), reference_stains())
         for s in range(0, n, int(batch_size)):
             patches = slide.read_patches(c[s : s + batch_size], int(patch_px))
+            if stains is not None:
+                patches = normalise_stains(patches, *stains)
             x = torch.from_numpy(patches).permute(0, 3, 1, 2).float().div_(255.0)
             if views > 1:
                 f = torch.stack([enc(v.contiguous(), **kw) for v in dihedral_views(x, views)]).mean(0)

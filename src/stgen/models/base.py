@@ -101,6 +101,7 @@ class FeatureSettings:
     patch_px: int = 224
     tta: bool | int = False  # dihedral views averaged (stgen.features.cache.tta_views)
     batch_size: int = 32
+    stain: str = "none"  # stain normalisation before encoding (stgen.image.stain): none | macenko
     cache_dir: Path | None = None
     progress: bool = False
 
@@ -111,7 +112,7 @@ class FeatureSettings:
         see :func:`stgen.features.extract.extract_features`)."""
         return extract_features(image, xy, patch_px=int(patch_px or self.patch_px), encoder=self.encoder,
                                 tta=self.tta, batch_size=self.batch_size, cache_dir=self.cache_dir,
-                                show_progress=self.progress, input_px=input_px, slide=slide)
+                                show_progress=self.progress, input_px=input_px, slide=slide, stain=self.stain)
 
 
 @dataclass

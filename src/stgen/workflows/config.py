@@ -58,11 +58,17 @@ class FeatureConfig:
     # 4 (rotations), 2 (the patch and its 180-degree rotation), false/1 (off)
     tta: bool | int = False
     batch_size: int = 32
+    # stain normalisation before encoding: none | macenko (each slide mapped to a reference H&E with its own
+    # Macenko stain matrix, stgen.image.stain)
+    stain: str = "none"
 
     def __post_init__(self) -> None:
         from stgen.features.cache import tta_views
+        from stgen.image.stain import STAIN_METHODS
 
         tta_views(self.tta)  # InputError naming features.tta for anything but a bool or 1, 2, 4, 8
+        if self.stain not in STAIN_METHODS:
+            raise InputError(f"unknown features.stain {self.stain!r}; choose one of {STAIN_METHODS}")
 
 
 def _model_section(name: str):

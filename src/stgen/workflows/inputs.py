@@ -42,7 +42,8 @@ def feature_settings(cfg: StgenConfig, cache_dir: str | Path | None, progress: b
     encoding (fit, predict) and the benchmark models' extra patches go through its ``encode``."""
     f = cfg.features
     return FeatureSettings(encoder=f.encoder, patch_px=f.patch_px, tta=f.tta, batch_size=f.batch_size,
-                           cache_dir=Path(cache_dir) if cache_dir is not None else None, progress=progress)
+                           stain=f.stain, cache_dir=Path(cache_dir) if cache_dir is not None else None,
+                           progress=progress)
 
 
 # ------------------------------------------------------------------ fit

@@ -203,6 +203,8 @@ def config_hash(cfg: StgenConfig, model: str, test_section: str) -> str:
     d = cfg.to_dict()
     if d["features"].get("patch_um") is None:  # added later: unset, it must not change earlier runs' hashes
         d["features"].pop("patch_um", None)
+    if d["features"].get("stain") == "none":  # likewise
+        d["features"].pop("stain", None)
     if not model.startswith("hinge"):  # HINGE's sampler and head train no other model: they enter other
         d["hinge"] = {**{k: v for k, v in d["hinge"].items() if k not in HINGE_ONLY},  # models' hashes at
                       **HINGE_ONLY_AS_HASHED}  # their values when those hashes were first computed
