@@ -43,7 +43,7 @@ is prepended to the gene tokens and passes through every block; in each block it
 by a learned gate ``g_l`` (one scalar per block, 0 at init) and it is always a key, also in the blocks that
 drop masked genes from the keys. At t = T every gene is masked, so without it those blocks have no key and
 their retention output is exactly 0 (CellFM and the HINGE code keep an always-visible cls token for this).
-With every ``g_l = 0`` the network computes exactly what it computes without the token.
+With every ``g_l = 0`` the network computes what it computes without the token (up to the order of float sums).
 """
 
 from __future__ import annotations
@@ -144,8 +144,9 @@ class HINGE(nn.Module):
         c = self.condition(feats, t)
         h = self.backbone.embed(x_t, self.gene_idx, visible)
         kvs = self.backbone.kv_masks(visible)
-        if self.cond_token is not None:  # (B, 1 + G, D); key weights [g_l, visible] (the backbone's retention
-            h = torch.cat([self.cond_token(c).unsqueeze(1).to(h.dtype), h], dim=1)  # multiplies keys by them)
+        if self.cond_token is not None:
+            # tokens (B, 1 + G, D); per block the key weights [g_l, visible], which retention multiplies keys by
+            h = torch.cat([self.cond_token(c).unsqueeze(1).to(h.dtype), h], dim=1)
             gates = self.cond_key_gate.to(h.dtype)
             kvs = [torch.cat([gates[i].expand(h.shape[0], 1),
                               torch.ones_like(visible, dtype=h.dtype) if kv is None else kv.to(h.dtype)], dim=1)
