@@ -65,3 +65,13 @@ def check_divisible(cfg: object, section: str, width: str, *heads: str) -> None:
         h = getattr(cfg, name)
         if w % h:
             raise InputError(f"{section}.{width} {w} is not divisible by {section}.{name} {h}")
+
+
+def spot_pitches(cfg: object, section: str, name: str) -> None:
+    """Check ``cfg.<name>`` is a list of positive spot pitches (HINGE's and FLAG's ``context_radii``) and store
+    it as a list of floats; InputError naming ``section.name`` otherwise (a bool is not a number here)."""
+    v = getattr(cfg, name)
+    if not isinstance(v, (list, tuple)) or not all(
+            isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in v):
+        raise InputError(f"{section}.{name} must be a list of positive spot pitches, got {v!r}")
+    setattr(cfg, name, [float(r) for r in v])

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 
 from stgen.errors import InputError
 from stgen.sampling.vesde import VESDE
-from stgen.utils.config import check_divisible, coerce_numbers
+from stgen.utils.config import check_divisible, coerce_numbers, spot_pitches
 
 #: where the GFM alignment targets come from (FlagConfig.align_target)
 ALIGN_TARGETS = ("contextual", "static")
@@ -113,10 +113,7 @@ class FlagConfig:
             raise InputError(f"flag.align_target must be one of {ALIGN_TARGETS}, got {self.align_target!r}")
         if self.val_steps is not None and self.val_steps < 1:
             raise InputError(f"flag.val_steps must be >= 1 or null (the inference sampler), got {self.val_steps}")
-        if not isinstance(self.context_radii, (list, tuple)) or not all(
-                isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in self.context_radii):
-            raise InputError(f"flag.context_radii must be a list of positive spot pitches, got {self.context_radii!r}")
-        self.context_radii = [float(r) for r in self.context_radii]
+        spot_pitches(self, "flag", "context_radii")
         if self.order not in (1, 2):
             raise InputError(f"flag.order must be 1 (Euler = DDIM) or 2 (Heun), got {self.order!r}")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 
 from stgen.errors import InputError
-from stgen.utils.config import coerce_numbers
+from stgen.utils.config import coerce_numbers, spot_pitches
 
 ADAPTATIONS = ("hinge", "scratch", "decoder_tune", "lora")
 OBJECTIVES = ("mask", "gauss")
@@ -142,10 +142,7 @@ class HingeConfig:
             raise InputError(f"hinge.feat_dropout must be in [0, 1), got {self.feat_dropout!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:  # a number after coerce_numbers
             raise InputError(f"hinge.grad_clip must be a number > 0 or null, got {self.grad_clip!r}")
-        if not isinstance(self.context_radii, (list, tuple)) or not all(
-                isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in self.context_radii):
-            raise InputError(f"hinge.context_radii must be a list of positive spot pitches, got {self.context_radii!r}")
-        self.context_radii = [float(r) for r in self.context_radii]
+        spot_pitches(self, "hinge", "context_radii")
         if self.reveal == "sample" and self.predictive == "none":
             raise InputError("hinge.reveal: sample needs the predictive head (hinge.predictive: gaussian)")
         if not isinstance(self.cond_token, bool):
