@@ -20,7 +20,7 @@ from stgen.errors import InputError
 from stgen.utils.io import atomic_path
 from stgen.image.scaled import SlideRef, as_slide_ref, open_ref
 from stgen.image.slide import Slide
-from stgen.image.stain import STAIN_METHODS, estimate_stains, normalise_stains, reference_stains
+from stgen.image.stain import check_stain_method, estimate_stains, normalise_stains, reference_stains
 from stgen.features.cache import _load_cached
 from stgen.features.registry import _spec
 from stgen.features.cache import _write_checksum
@@ -109,8 +109,7 @@ def extract_features(
     if input_px is not None and not getattr(spec.factory, "any_size", False):
         raise InputError(f"encoder {encoder!r} only encodes patches at its own input size; input_px={input_px} "
                          f"needs a convolutional encoder such as efficientnet-lite0")
-    if stain not in STAIN_METHODS:
-        raise InputError(f"unknown stain normalisation {stain!r} (features.stain); choose one of {STAIN_METHODS}")
+    check_stain_method(stain)
     n = len(c)
     views = tta_views(tta)
 

@@ -26,6 +26,13 @@ STAIN_METHODS = ("none", "macenko")
 IO, BETA, ALPHA = 240, 0.15, 1
 
 
+def check_stain_method(stain: str) -> str:
+    """``stain`` if it is one of :data:`STAIN_METHODS`; InputError naming ``features.stain`` otherwise."""
+    if stain not in STAIN_METHODS:
+        raise InputError(f"unknown stain normalisation {stain!r} (features.stain); choose one of {STAIN_METHODS}")
+    return stain
+
+
 @dataclass(frozen=True)
 class StainMatrix:
     """Macenko stain parameters: ``he`` (3, 2) unit OD vectors of haematoxylin and eosin (RGB rows),

@@ -64,11 +64,10 @@ class FeatureConfig:
 
     def __post_init__(self) -> None:
         from stgen.features.cache import tta_views
-        from stgen.image.stain import STAIN_METHODS
+        from stgen.image.stain import check_stain_method
 
         tta_views(self.tta)  # InputError naming features.tta for anything but a bool or 1, 2, 4, 8
-        if self.stain not in STAIN_METHODS:
-            raise InputError(f"unknown features.stain {self.stain!r}; choose one of {STAIN_METHODS}")
+        check_stain_method(self.stain)  # likewise features.stain
 
 
 def _model_section(name: str):
