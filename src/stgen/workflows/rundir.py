@@ -183,12 +183,13 @@ class _PartialRun:
 HINGE_ONLY = ("steps", "samples", "predictive", "reveal", "estimate", "sd_scale", "context_radii", "grad_clip",
               "feat_dropout", "cond_token")
 HINGE_ONLY_AS_HASHED = {"steps": 5, "samples": 10}
-#: ``hinge`` fields added after the predictive head, at the value every earlier run was trained with: at that
-#: value they stay out of HINGE's hash too, so runs (and the shipped zoo run) keep their identity
-HINGE_ADDED_AS_BEFORE = {"context_radii": [], "grad_clip": None, "feat_dropout": 0.0, "estimate": "mixture",
-                         "cond_token": False}
-#: the same for the ``flag`` section: fields added after the five-fold FLAG runs of issue 16
-FLAG_ADDED_AS_BEFORE = {"context_radii": []}
+#: per config section, fields added after runs existed, at the value every earlier run was trained with: at that
+#: value they stay out of every hash, so earlier runs (and the shipped zoo runs) keep their identity
+ADDED_AS_BEFORE = {
+    "features": {"patch_um": None, "stain": "none"},
+    "hinge": {"context_radii": [], "grad_clip": None, "feat_dropout": 0.0, "estimate": "mixture", "cond_token": False},
+    "flag": {"context_radii": []},
+}
 
 
 def config_hash(cfg: StgenConfig, model: str, test_section: str) -> str:
@@ -201,16 +202,12 @@ def config_hash(cfg: StgenConfig, model: str, test_section: str) -> str:
     only for ``hinge`` and ``hinge-paper``.
     """
     d = cfg.to_dict()
-    if d["features"].get("patch_um") is None:  # added later: unset, it must not change earlier runs' hashes
-        d["features"].pop("patch_um", None)
-    if d["features"].get("stain") == "none":  # likewise
-        d["features"].pop("stain", None)
     if not model.startswith("hinge"):  # HINGE's sampler and head train no other model: they enter other
         d["hinge"] = {**{k: v for k, v in d["hinge"].items() if k not in HINGE_ONLY},  # models' hashes at
                       **HINGE_ONLY_AS_HASHED}  # their values when those hashes were first computed
-    for section, added in (("hinge", HINGE_ADDED_AS_BEFORE), ("flag", FLAG_ADDED_AS_BEFORE)):
+    for section, added in ADDED_AS_BEFORE.items():
         for k, before in added.items():
-            if section in d and d[section].get(k, before) == before:
+            if d[section].get(k, before) == before:
                 d[section].pop(k, None)
     for other in MODELS:
         if other != model and not spot_model(other).in_every_hash:
