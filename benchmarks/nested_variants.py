@@ -1,14 +1,14 @@
-"""HINGE or FLAG configuration variants on nested leave-one-section-out folds (issues 15, 16): choose defaults
-without the test section.
+"""Configuration variants of one model (HINGE, FLAG, ridge or any other) on nested leave-one-section-out folds
+(issues 15, 16): choose defaults without the test section.
 
     .venv/bin/python benchmarks/nested_variants.py --outer C2 \\
         --variant 'paper-context:{}' --variant 'context:{"context_radii": [1.5, 2.5]}' \\
         [--inner B4,C3,C4,C5] [--out reports/hinge_nested] [--data DIR]
 
 Each ``--variant NAME:JSON`` is a set of config overrides (JSON object) of the model's section (``hinge`` for
-``--model hinge``/``hinge-paper``, ``flag`` for ``--model flag``) on top of the current defaults; a dotted key
-overrides another section (``{"features.tta": true}``). Everything stays inside the training sections of the outer fold ``--outer`` (its test section is
-never read): for each inner section ``h`` of ``--inner`` (default: every imaged section except ``--outer``)
+``--model hinge``/``hinge-paper``, ``flag`` for ``--model flag``, and so on) on top of the current defaults; a
+dotted key overrides another section (``{"features.tta": true}``). Everything stays inside the training sections of
+the outer fold ``--outer`` (its test section is never read): for each inner section ``h`` of ``--inner`` (default: every imaged section except ``--outer``)
 every variant is fitted on the other inner sections (``data.train_sections``, HMHVG panel from those) and
 ``h`` is predicted with the run's own sampler. Per variant and inner section it prints and writes
 (``OUT/nested.csv``; ``OUT/summary.csv`` holds the inner-fold means) PCC-50, PCC-200, MSE, MAE, GSC, SSC,
@@ -55,7 +55,10 @@ def _by_section(over: dict, section: str) -> dict[str, dict]:
 
 def factor_for_mean_coverage(zs: list[np.ndarray], z90: float, target: float = 0.9) -> float:
     """The factor ``f`` (0.3-4, step 0.005) on the sd at which the mean over folds of the share of
-    ``|error| / sd <= f * z90`` is closest to ``target``; ``zs`` holds each fold's ``|error| / sd``."""
+    ``|error| / sd <= f * z90`` is closest to ``target``; ``zs`` holds each fold's ``|error| / sd`` (NaN for a
+    model without an sd: then NaN)."""
+    if not all(np.isfinite(z).all() for z in zs):
+        return float("nan")
     grid = np.linspace(0.3, 4.0, 741)
     cover = np.array([np.mean([np.mean(z <= f * z90) for z in zs]) for f in grid])
     return float(grid[np.argmin(np.abs(cover - target))])
@@ -67,11 +70,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--variant", action="append", required=True, help="NAME:JSON config overrides (repeatable)")
     ap.add_argument("--hold", default=None, help="comma-separated inner sections to hold out in turn (default: all "
                     "of --inner; each fit still trains on every other inner section)")
-    ap.add_argument("--model", default="hinge", choices=("hinge", "hinge-paper", "flag"), help="default hinge")
+    ap.add_argument("--model", default="hinge", help="any model of stgen.models.registry (default hinge)")
     args = ap.parse_args(argv)
 
     from dataclasses import asdict
 
+    from stgen.data.common import section_image
     from stgen.data.her2st import read_section
     from stgen.evaluation.metrics import Z90, evaluate
     from stgen.models.base import SectionInput
@@ -83,7 +87,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 
     data, cache, inner = nested_setup(args)
     variants = [_variant(v) for v in args.variant]
-    section = "flag" if args.model == "flag" else "hinge"
+    from stgen.models.registry import spot_model
+
+    cls = spot_model(args.model)  # InputError listing the models for an unknown name
+    section = cls.config_section or cls.name
     rows: list[dict] = []
     done = {v for v, _ in variants}
     earlier = (pd.read_csv(args.out / "nested.csv") if (args.out / "nested.csv").is_file() else pd.DataFrame())
@@ -109,11 +116,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             feats = section_features(adata, run.cfg, cache, progress=False)
             truth, _ = section_truth(adata, list(run.panel), run.meta.get("units", "log2"))
             t1 = time.perf_counter()
-            mean, sd = run.model.predict(SectionInput(h, xy, feats, None), run.features(False), seed=0)
+            mean, sd = run.model.predict(SectionInput(h, xy, feats, section_image(adata)), run.features(False), seed=0)
             dt = time.perf_counter() - t1
+            if not np.any(sd):  # a model without a predictive sd (ridge): no calibration columns
+                sd = None
             m = evaluate(mean, truth, list(run.panel), coords=xy, sd=sd)
-            z = np.abs(truth - mean) / np.maximum(sd, 1e-6)  # the factor the returned sd needs for 90% coverage
-            row = {"variant": name, "inner": h, **{k: float(m[k]) for k in METRICS},
+            z = np.abs(truth - mean) / np.maximum(sd if sd is not None else np.nan, 1e-6)  # the factor the returned sd needs for 90% coverage
+            row = {"variant": name, "inner": h, **{k: float(m.get(k, np.nan)) for k in METRICS},
                    "sd_factor_90": float(np.quantile(z, 0.9) / Z90), "fit_s": float(fit_s),
                    "best_epoch": run.meta.get("training", {}).get("best_epoch"), "spots_per_s": len(feats) / dt}
             rows.append(row)
