@@ -227,6 +227,30 @@ def test_a_few_training_steps_lower_the_dsm_loss_and_keep_best_weights():
     assert not m.training
 
 
+def test_weight_ema_is_what_validation_scores_and_the_run_keeps_and_training_is_unchanged_by_it():
+    """``flag.ema``: a decay near 0 keeps (almost) the trained weights, so the kept weights and validation match a
+    fit without EMA (the swap back after each validation leaves training as it was); decay 0.9 keeps other
+    weights and scores other values; a decay outside (0, 1) is refused."""
+    secs = [_section(seed=s) for s in range(2)]
+
+    def run(ema):
+        cfg = FlagConfig(**TINY, max_steps=60, val_every=20, crop_spots=30, val_steps=2, lr=5e-3, knn=8, ema=ema)
+        m = _model()
+        hist = train_flag(m, secs, cfg, lambda xy, f: build_spot_graph(xy, f, k=8), progress=False)
+        return {k: v.clone() for k, v in m.state_dict().items()}, [r["val_mse"] for r in hist["history"]]
+
+    plain, plain_val = run(None)
+    near, near_val = run(1e-7)
+    avg, avg_val = run(0.9)
+    assert all(torch.allclose(plain[k], near[k], atol=1e-5) for k in plain)
+    np.testing.assert_allclose(near_val, plain_val, rtol=1e-4)
+    assert not all(torch.allclose(plain[k], avg[k], atol=1e-4) for k in plain)
+    assert not np.allclose(avg_val, plain_val, rtol=1e-4)
+    for bad in (0, 1, 1.5, -0.1):
+        with pytest.raises(InputError, match="flag.ema"):
+            FlagConfig(ema=bad)
+
+
 def test_generate_is_deterministic_finite_and_in_target_units():
     m = _model().eval()
     f, xy, y = _section()

@@ -42,9 +42,12 @@ class _Kill(Exception):
 
 
 def _stop_at(monkeypatch, module_cls, epoch: int, batch: int, how: str) -> None:
-    """Interrupt a fit after training batch ``batch`` of ``epoch``: ``kill`` raises, ``term`` sends SIGTERM."""
+    """Interrupt a fit after training batch ``batch`` of ``epoch``: ``kill`` raises, ``term`` sends SIGTERM
+    (after the module's own ``on_train_batch_end``, e.g. FLAG's weight EMA update)."""
+    own = module_cls.on_train_batch_end
 
     def hook(self, outputs, batch_, batch_idx):
+        own(self, outputs, batch_, batch_idx)
         if (self.current_epoch, batch_idx) == (epoch, batch):
             if how == "term":
                 os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler: stop after this step
@@ -106,31 +109,32 @@ def test_hinge_resume_is_identical_to_an_uninterrupted_fit(tmp_path, monkeypatch
         assert (hist["epochs_run"], hist["best_epoch"]) == (ref_hist["epochs_run"], ref_hist["best_epoch"]), case
 
 
-def _flag_fit(ckpt_dir: Path, resume: bool = False):
+def _flag_fit(ckpt_dir: Path, resume: bool = False, ema: float | None = None):
     sections = flag_toy_sections()
     tiny = dict(dim=16, graph_layers=1, graph_heads=2, dit_layers=2, dit_heads=2, mlp_ratio=2.0, align_layer=1,
                 dropout=0.1)  # dropout: the global RNG is reseeded per step, so it resumes exactly too
     torch.manual_seed(0)
     model = FLAG(FlagConfig(**tiny), 10, 6, torch.randn(10, 8))
-    cfg = FlagConfig(**tiny, max_steps=40, val_every=10, crop_spots=20, val_steps=2, lr=5e-3, knn=8)
+    cfg = FlagConfig(**tiny, max_steps=40, val_every=10, crop_spots=20, val_steps=2, lr=5e-3, knn=8, ema=ema)
     last = ckpt_dir / "last.ckpt"
     with TR.training_context(ckpt_dir=ckpt_dir, resume_from=last if resume else None):
         hist = FT.train_flag(model, sections, cfg, lambda xy, f: build_spot_graph(xy, f, k=8), progress=False)
     return model.state_dict(), hist
 
 
-def test_flag_resume_is_identical_to_an_uninterrupted_fit(tmp_path, monkeypatch):
-    ref, ref_hist = _flag_fit(tmp_path / "ref")
+@pytest.mark.parametrize("ema", [None, 0.9])  # with EMA, the averaged weights resume too
+def test_flag_resume_is_identical_to_an_uninterrupted_fit(tmp_path, monkeypatch, ema):
+    ref, ref_hist = _flag_fit(tmp_path / "ref", ema=ema)
     assert ref_hist["steps_run"] == 40 and len(ref_hist["history"]) == 4
     for case in [(2, 0, "kill"), (1, 4, "term")]:
         run = tmp_path / "-".join(map(str, case))
         with monkeypatch.context() as m:
             _stop_at(m, FT.FlagModule, *case)
             with pytest.raises((_Kill, TR.TrainingInterrupted)):
-                _flag_fit(run)
+                _flag_fit(run, ema=ema)
         info = json.loads((run / "last.json").read_text())
         assert info["global_step"] == (20 if case[2] == "kill" else 15)
-        state, hist = _flag_fit(run, resume=True)
+        state, hist = _flag_fit(run, resume=True, ema=ema)
         _same_weights(state, ref)
         assert hist["history"] == ref_hist["history"] and hist["best_step"] == ref_hist["best_step"]
 

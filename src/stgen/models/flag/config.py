@@ -73,6 +73,9 @@ class FlagConfig:
     lr: float = 2e-3  # constant; Table 5: 1e-4 for far more steps, which barely moves in a 500-step budget
     weight_decay: float = 0.01  # AdamW (Table 5)
     grad_clip: float = 1.0  # gradient-norm clip (Table 5)
+    # exponential moving average of the weights (decay per step; None = off, the paper): validation scores, and
+    # the run keeps, the averaged weights (torch.optim.swa_utils.AveragedModel)
+    ema: float | None = None
     # optimiser steps, one crop (one noise level) each: ~12 min on 2 cores. Nested inner folds C5 and B4 (outer C2):
     # 500 steps gave GSC 0.41 and SSC 0.08, 3,000 steps 0.62 and 0.29 with PCC-50 +0.024, and the validation MSE
     # still fell at 2,500 steps; 4,000 is what fits the ~15 min per fold budget with validation
@@ -114,6 +117,8 @@ class FlagConfig:
         if self.val_steps is not None and self.val_steps < 1:
             raise InputError(f"flag.val_steps must be >= 1 or null (the inference sampler), got {self.val_steps}")
         spot_pitches(self, "flag", "context_radii")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise InputError(f"flag.ema must be a decay in (0, 1) or null (off), got {self.ema!r}")
         if self.order not in (1, 2):
             raise InputError(f"flag.order must be 1 (Euler = DDIM) or 2 (Heun), got {self.order!r}")
 

@@ -39,6 +39,9 @@ class FlagModule(BestWeights, L.LightningModule):
     held-out spots: the weights kept are those whose *samples* are closest.
     The noise level and noise of step ``s`` on process ``r`` are drawn from
     ``key_seed(cfg.seed, s, r)`` (resumable; each process its own crop and noise).
+    With ``cfg.ema`` (a decay) an exponential moving average of the weights is updated after every step
+    (``torch.optim.swa_utils.AveragedModel``, part of the checkpoint): validation swaps it in, so the
+    weights scored and kept are the averaged ones, and swaps the trained ones back for the next steps.
     """
 
     step_buffers = ("_dsm", "_align")
@@ -56,6 +59,22 @@ class FlagModule(BestWeights, L.LightningModule):
         self._dsm: list[float] = []
         self._align: list[float] = []
         self._val_sq = self._val_n = 0.0
+        self.ema = None
+        self._trained: dict | None = None
+        if cfg.ema is not None:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema))
+            self.ema.requires_grad_(False)  # never trained (and no unused gradients under DDP)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+
+    def _swap_in(self, params: dict) -> None:
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                p.copy_(params[name])
 
     def training_step(self, batch, batch_idx):
         x0 = batch["x0"]
@@ -80,6 +99,9 @@ class FlagModule(BestWeights, L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_sq, self._val_n = 0.0, 0.0
         self._val_gen = torch.Generator().manual_seed(self.cfg.seed)
+        if self.ema is not None and self._trained is None:  # score (and keep) the averaged weights
+            self._trained = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+            self._swap_in(dict(self.ema.module.named_parameters()))
 
     def validation_step(self, batch, batch_idx):
         steps, order = (self.cfg.steps, self.cfg.order) if self.cfg.val_steps is None else (self.cfg.val_steps, 1)
@@ -94,6 +116,9 @@ class FlagModule(BestWeights, L.LightningModule):
         self.record_validation(val, self.model, step=self.global_step, train_dsm=mean_or_nan(self.synced(self._dsm)),
                                train_align=mean_or_nan(self.synced(self._align)))
         self._dsm, self._align = [], []
+        if self._trained is not None:  # the trained weights go on training
+            self._swap_in(self._trained)
+            self._trained = None
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
