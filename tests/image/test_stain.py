@@ -85,5 +85,42 @@ def test_features_with_stain_normalisation_have_their_own_cache_key_and_bad_meth
     with pytest.raises(InputError, match="features.stain"):
         StgenConfig.from_dict({"features": {"stain": "reinhard"}})
     mac = StgenConfig.from_dict({"features": {"stain": "macenko"}})
+    none = StgenConfig.from_dict({"features": {"stain": "none"}})
     assert mac.features.stain == "macenko"
-    assert config_hash(mac, "ridge", "X") != config_hash(StgenConfig(), "ridge", "X")
+    assert config_hash(mac, "flag", "X") != config_hash(none, "flag", "X")
+    with pytest.raises(InputError, match="features.stain"):  # 'auto' is the config's, resolved per model
+        extract_features(path, centres, stain="auto", **kw)
+
+
+def test_auto_stain_is_each_models_own_default_and_older_runs_load_unnormalised(tmp_path: Path):
+    """``features.stain: auto`` (the default) resolves to ``macenko`` for hinge and ridge (chosen on nested folds)
+    and ``none`` for the paper preset and the models not measured, in the config hash as in the fit; a run whose
+    ``config.yaml`` predates ``features.stain`` loads with ``none``, the features it was trained on."""
+    import yaml
+
+    from stgen.workflows.config import StgenConfig
+    from stgen.workflows.rundir import config_hash, read_run_config
+
+    auto = StgenConfig()
+    assert auto.features.stain == "auto"
+    expected = {"hinge": "macenko", "ridge": "macenko", "hinge-paper": "none", "flag": "none", "stflow": "none"}
+    for model, stain in expected.items():
+        assert auto.for_model(model).features.stain == stain, model
+        explicit = StgenConfig.from_dict({"features": {"stain": stain}})
+        assert config_hash(auto, model, "X") == config_hash(explicit, model, "X"), model
+    none = StgenConfig.from_dict({"features": {"stain": "none"}})
+    assert none.for_model("hinge") is none  # an explicit choice is kept for every model
+    with pytest.raises(InputError, match="unknown model"):
+        auto.for_model("nope")
+
+    saved = auto.for_model("flag").to_dict()
+    del saved["features"]["stain"]  # a run written before features.stain existed
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert read_run_config(tmp_path).features.stain == "none"
+    assert StgenConfig.from_dict(saved).features.stain == "auto"  # what a bare read would wrongly give
+    (tmp_path / "config.yaml").write_text("- a list\n")
+    with pytest.raises(InputError, match="mapping"):
+        read_run_config(tmp_path)
+    (tmp_path / "config.yaml").write_text("features: [\n")
+    with pytest.raises(InputError, match="cannot be read as YAML"):
+        read_run_config(tmp_path)

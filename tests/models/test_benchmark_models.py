@@ -35,9 +35,17 @@ def test_registry_names_all_and_unknown_models():
 def test_model_sections_only_enter_their_own_config_hash():
     base = StgenConfig()
     # computed before the benchmark models existed: cached hinge/ridge/flag runs stay valid
-    # new HINGE defaults (issue 15: head, K=3, 2 draws; then spatial context, condition dropout, sd x1.83)
-    assert config_hash(base, "hinge", "C2") == "ebe02f754f2904f0"
-    assert config_hash(base, "ridge", "C2") == "d8f8d1a6a846bb59"
+    # new HINGE defaults (issue 15: head, K=3, 2 draws; then spatial context, condition dropout), and
+    # Macenko-normalised features for hinge and ridge (features.stain: auto) with HINGE's sd x1.78
+    assert config_hash(base, "hinge", "C2") == "690685a639e933bf"
+    assert config_hash(base, "ridge", "C2") == "016da97f38ba4fb5"
+    # the paper preset hashes its own sampler and features: HINGE's defaults no longer enter its hash
+    assert config_hash(base, "hinge-paper", "C2") == "cad64cdab57c723c"
+    moved = StgenConfig.from_dict({"hinge": {"sd_scale": 2.5, "samples": 4, "context_radii": [1.5]}})
+    assert config_hash(moved, "hinge-paper", "C2") == config_hash(base, "hinge-paper", "C2")
+    assert config_hash(moved, "hinge", "C2") != config_hash(base, "hinge", "C2")
+    assert config_hash(StgenConfig.from_dict({"hinge": {"lr": 1e-3}}), "hinge-paper", "C2") != \
+        config_hash(base, "hinge-paper", "C2")  # a field the preset keeps still counts
     # new FLAG defaults (issue 16: contextual alignment, inference-sampler validation, Euler 5 steps, 4,000 steps)
     assert config_hash(base, "flag", "C2") == "b62e274ee50947c1"
     other = StgenConfig.from_dict({"stem": {"samples": 7}, "bleep": {"top_k": 3}})
@@ -134,6 +142,7 @@ def test_benchmark_all_models_one_report_reused_and_refit_only_what_changed(tmp_
     for name in MODELS:
         assert f"| {name} |" in report, name
     assert "spots/s" in report
+    assert "macenko (hinge, ridge)" in report and "none (hinge-paper, flag," in report  # resolved per model
     assert (bench / "maps_A2.png").stat().st_size > 1000
     # a re-run trains and predicts nothing; a changed bleep section refits bleep only
     fits.clear(), predicts.clear()

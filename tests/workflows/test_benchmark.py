@@ -53,6 +53,7 @@ def test_report_means_ignore_a_nan_fold(tmp_path, capsys):
     assert s.loc["ridge", "predict_s"] == pytest.approx(1.5)  # a re-used prediction without a stored time
     write_report(df, tmp_path, StgenConfig())
     md = (tmp_path / "report.md").read_text()
+    assert "stain normalisation macenko (hinge, ridge);" in md  # features.stain: auto, resolved per model
     rows = _table_lines(md)
     assert rows and not [ln for ln in rows if "nan" in ln.lower()]  # no NaN leaks into any table
     structure = _rows(md, "**Structure**")  # model -> GSC, SSC, RVD, SSIM

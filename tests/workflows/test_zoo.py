@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from model_fixtures import hest_ridge_run
@@ -85,8 +84,7 @@ SHIPPED = zoo_utils.zoo_names()
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_run_loads_matches_its_config_hash_and_predicts(name, one_thread):
     run = load_run(name)
-    cfg = StgenConfig.from_dict(yaml.safe_load((run.run_dir / "config.yaml").read_text()))
-    assert config_hash(cfg, run.meta["model"], None) == run.meta["config_hash"]
+    assert config_hash(run.cfg, run.meta["model"], None) == run.meta["config_hash"]
     n = 12
     rng = np.random.default_rng(0)
     feats = rng.random((n, run.meta["feature_dim"]), dtype=np.float32)

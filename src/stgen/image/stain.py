@@ -22,14 +22,19 @@ from stgen.errors import InputError
 
 #: stain-normalisation methods of ``features.stain``
 STAIN_METHODS = ("none", "macenko")
+#: ``features.stain`` value meaning "each model's own default" (``SpotModel.default_stain``), resolved per model by
+#: :meth:`stgen.workflows.config.StgenConfig.for_model` before any patch is encoded
+STAIN_AUTO = "auto"
 #: transmitted light intensity and the OD threshold of a stained pixel (Macenko's defaults, torchstain's)
 IO, BETA, ALPHA = 240, 0.15, 1
 
 
-def check_stain_method(stain: str) -> str:
-    """``stain`` if it is one of :data:`STAIN_METHODS`; InputError naming ``features.stain`` otherwise."""
-    if stain not in STAIN_METHODS:
-        raise InputError(f"unknown stain normalisation {stain!r} (features.stain); choose one of {STAIN_METHODS}")
+def check_stain_method(stain: str, allow_auto: bool = False) -> str:
+    """``stain`` if it is one of :data:`STAIN_METHODS` (or :data:`STAIN_AUTO` with ``allow_auto``, as the config
+    accepts it); InputError naming ``features.stain`` otherwise."""
+    choices = (STAIN_AUTO, *STAIN_METHODS) if allow_auto else STAIN_METHODS
+    if stain not in choices:
+        raise InputError(f"unknown stain normalisation {stain!r} (features.stain); choose one of {choices}")
     return stain
 
 

@@ -150,7 +150,9 @@ class SpotModel(ABC):
     alignment targets), ``in_every_hash`` (its config section
     enters every model's config hash: ``hinge`` and ``ridge``, the first two
     models, so that cached runs of every model keep their hashes), ``config_section`` (the YAML section it
-    reads when not its ``name``: ``hinge-paper`` reads ``hinge``; see :meth:`section_of`).
+    reads when not its ``name``: ``hinge-paper`` reads ``hinge``; see :meth:`section_of`), ``default_stain``
+    (the stain normalisation of its features under ``features.stain: auto``, the default: ``none`` or
+    ``macenko``, chosen per model on nested leave-one-section-out folds; models not measured keep ``none``).
     """
 
     name: ClassVar[str]
@@ -163,11 +165,19 @@ class SpotModel(ABC):
     weights_file: ClassVar[str] = "model.safetensors"
     needs_xy: ClassVar[bool] = True
     cuts_own_patches: ClassVar[bool] = False  # reads image patches itself: features.patch_um is refused
+    default_stain: ClassVar[str] = "none"
 
     @classmethod
     def section_of(cls, cfg: Any) -> Any:
         """This model's hyper-parameters in a whole configuration (``cfg.<config_section or name>``)."""
         return getattr(cfg, cls.config_section or cls.name)
+
+    @classmethod
+    def trained_section(cls, section: Any) -> Any:
+        """The hyper-parameters this model trains and samples with, given its config section: the section
+        itself, or a preset model's section with its preset applied (``hinge-paper``); what its config hash
+        holds, so a default the preset overrides never invalidates its runs."""
+        return section
 
     @classmethod
     @abstractmethod

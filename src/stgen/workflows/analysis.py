@@ -581,7 +581,7 @@ def run_horizon_analysis(
     cache = Path(cache_dir or default_cache_dir())
     out = Path(out_dir)
     adata = read_section(data_dir, section, require_image=True)
-    feats = section_features(adata, base, cache, progress=progress)
+    feats = section_features(adata, base.for_model("hinge"), cache, progress=progress)
 
     runs: dict[int, Any] = {}
     for T in tqdm(Ts, desc="horizon fits", unit="T", disable=not progress):  # fit (or re-use) every T first

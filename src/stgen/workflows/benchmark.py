@@ -99,6 +99,15 @@ def _fit_or_reuse(data_dir: Path, section: str, model: str, run_dir: Path, cfg: 
     return fit(data_dir, section, run_dir, model=model, cfg=cfg, cache_dir=cache_dir, progress=progress, resume=True)
 
 
+def _stains(cfg: StgenConfig, models: list[str]) -> str:
+    """``features.stain`` of each model as it trains (``auto`` resolved), e.g. ``macenko (hinge, ridge), none
+    (flag)``."""
+    by: dict[str, list[str]] = {}
+    for m in models:
+        by.setdefault(cfg.for_model(m).features.stain, []).append(m)
+    return ", ".join(f"{stain} ({', '.join(ms)})" for stain, ms in by.items())
+
+
 def prediction_path(out: Path, model: str, section: str, seed: int = 0) -> Path:
     """``preds/<model>/<section>.h5ad`` for seed 0, ``preds/<model>/<section>_seed<seed>.h5ad`` otherwise."""
     return Path(out) / "preds" / model / (f"{section}.h5ad" if seed == 0 else f"{section}_seed{seed}.h5ad")
@@ -290,7 +299,8 @@ def write_report(df: pd.DataFrame, out: Path, cfg: StgenConfig, seed_df: pd.Data
     metrics = [m for m in METRICS if m in df.columns]
     lines = ["# stgen benchmark: leave-one-section-out on Her2ST", "",
              f"Targets: {cfg.data.transform} (log2(count+1) = Stem/HINGE protocol); HMHVG panel from training sections; "
-             f"encoder {cfg.features.encoder}, patch {cfg.features.patch_px} px; folds: {', '.join(df.section.unique())}.",
+             f"encoder {cfg.features.encoder}, patch {cfg.features.patch_px} px; stain normalisation "
+             f"{_stains(cfg, list(dict.fromkeys(df.model)))}; folds: {', '.join(df.section.unique())}.",
              "Mean ± sd across folds; a fold whose value is undefined (NaN) is left out and the number of folds "
              "used is shown. Metric definitions at the end."
              + (f" Generative models ({', '.join(m for m in GENERATIVE if m in set(df.model))}): every fold is the "

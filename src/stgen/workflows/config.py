@@ -59,15 +59,16 @@ class FeatureConfig:
     tta: bool | int = False
     batch_size: int = 32
     # stain normalisation before encoding: none | macenko (each slide mapped to a reference H&E with its own
-    # Macenko stain matrix, stgen.image.stain)
-    stain: str = "none"
+    # Macenko stain matrix, stgen.image.stain) | auto (each model's measured default, SpotModel.default_stain:
+    # macenko for hinge and ridge, none for the others; see StgenConfig.for_model)
+    stain: str = "auto"
 
     def __post_init__(self) -> None:
         from stgen.features.cache import tta_views
         from stgen.image.stain import check_stain_method
 
         tta_views(self.tta)  # InputError naming features.tta for anything but a bool or 1, 2, 4, 8
-        check_stain_method(self.stain)  # likewise features.stain
+        check_stain_method(self.stain, allow_auto=True)  # likewise features.stain
 
 
 def _model_section(name: str):
@@ -106,6 +107,21 @@ class StgenConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def for_model(self, model: str) -> "StgenConfig":
+        """This configuration as model ``model`` trains and predicts with it: ``features.stain: auto`` replaced
+        by the model's own default (``SpotModel.default_stain``, chosen per model on nested leave-one-section-out
+        folds, docs/results.md "Stain normalisation"); itself when nothing is left to resolve. Every fit
+        resolves its configuration so (the saved ``config.yaml`` and the config hash hold the resolved value).
+
+        Raises InputError for an unknown model."""
+        from stgen.image.stain import STAIN_AUTO
+        from stgen.models.registry import spot_model
+
+        cls = spot_model(model)
+        if self.features.stain != STAIN_AUTO:
+            return self
+        return dataclasses.replace(self, features=dataclasses.replace(self.features, stain=cls.default_stain))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, source: str = "config") -> "StgenConfig":

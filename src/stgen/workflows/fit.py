@@ -136,7 +136,7 @@ def fit(
     when resuming.
     """
     cls = spot_model(model)
-    cfg = cfg or StgenConfig()
+    cfg = (cfg or StgenConfig()).for_model(model)  # features.stain: auto -> the model's own default
     if cfg.features.patch_um is not None and cls.cuts_own_patches:
         raise InputError(f"{model} cuts its own image patches at features.patch_px pixels: unset features.patch_um")
     data_dir, cache_dir = as_dataset(data_dir, data_format), Path(cache_dir or default_cache_dir())
@@ -166,7 +166,8 @@ def fit(
     timings["features_s"] = round(time.time() - t0, 1)
     target_list = [transform_counts(a[:, panel].X, cfg.data.transform) for a in train.values()]
     meta.update(panel=panel, n_train_spots=int(sum(len(f) for f in feat_list)), feature_dim=int(feat_list[0].shape[1]),
-                features={"encoder": cfg.features.encoder, "patch_px": cfg.features.patch_px, "tta": cfg.features.tta},
+                features={"encoder": cfg.features.encoder, "patch_px": cfg.features.patch_px, "tta": cfg.features.tta,
+                          "stain": cfg.features.stain},
                 spots=spot_layout(train.values(), cfg.features.patch_px, cfg.features.patch_um))
     sections = [SectionInput(name, a.obsm["spatial"], fs, section_image(a), ts)
                 for name, fs, a, ts in zip(train, feat_list, train.values(), target_list)]

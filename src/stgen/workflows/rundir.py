@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -184,7 +184,8 @@ HINGE_ONLY = ("steps", "samples", "predictive", "reveal", "estimate", "sd_scale"
               "feat_dropout", "cond_token")
 HINGE_ONLY_AS_HASHED = {"steps": 5, "samples": 10}
 #: per config section, fields added after runs existed, at the value every earlier run was trained with: at that
-#: value they stay out of every hash, so earlier runs (and the shipped zoo runs) keep their identity
+#: value they stay out of every hash, so earlier runs (and the shipped zoo runs) keep their identity, and a saved
+#: ``config.yaml`` without them loads at that value (:func:`read_run_config`), whatever the default is now
 ADDED_AS_BEFORE = {
     "features": {"patch_um": None, "stain": "none"},
     "hinge": {"context_radii": [], "grad_clip": None, "feat_dropout": 0.0, "estimate": "mixture", "cond_token": False},
@@ -199,9 +200,13 @@ def config_hash(cfg: StgenConfig, model: str, test_section: str) -> str:
     the models with ``in_every_hash`` (``hinge`` and ``ridge``, the first two):
     the hashes (and cached runs) of the others must not change when a model is
     added or its section is edited. HINGE's sampler and predictive-head fields (:data:`HINGE_ONLY`) count
-    only for ``hinge`` and ``hinge-paper``.
+    only for ``hinge`` and ``hinge-paper``; ``hinge-paper`` counts them at its preset's values
+    (:meth:`~stgen.models.base.SpotModel.trained_section`), so a new HINGE default leaves its runs valid.
     """
+    cfg = cfg.for_model(model)  # features.stain: auto hashes as the model's own default
     d = cfg.to_dict()
+    cls = spot_model(model)  # a preset model (hinge-paper) hashes its section with the preset applied
+    d[cls.config_section or model] = asdict(cls.trained_section(cls.section_of(cfg)))
     if not model.startswith("hinge"):  # HINGE's sampler and head train no other model: they enter other
         d["hinge"] = {**{k: v for k, v in d["hinge"].items() if k not in HINGE_ONLY},  # models' hashes at
                       **HINGE_ONLY_AS_HASHED}  # their values when those hashes were first computed
@@ -263,6 +268,26 @@ class TrainedRun:
         return np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
 
 
+def read_run_config(run_dir: str | Path) -> StgenConfig:
+    """The configuration a RUN_DIR was trained with (its ``config.yaml``): a field the file lacks, added to
+    stgen after the run was written, takes the value the run was trained at (:data:`ADDED_AS_BEFORE`, e.g.
+    ``features.stain: none``), not today's default. InputError when the file is missing or invalid."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise InputError(f"{run_dir} has no config.yaml; refit the run with `stgen fit`")
+    try:
+        d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise InputError(f"{path} cannot be read as YAML ({' '.join(str(e).split())})") from e
+    if not isinstance(d, dict):
+        raise InputError(f"{path} must contain a mapping")
+    for section, added in ADDED_AS_BEFORE.items():
+        saved = d.get(section)
+        if saved is None or isinstance(saved, dict):  # a bad section is from_dict's to refuse
+            d[section] = {**added, **(saved or {})}
+    return StgenConfig.from_dict(d, source=str(path))
+
+
 def load_run(run_dir: str | Path) -> TrainedRun:
     """Load a RUN_DIR written by :func:`stgen.workflows.fit.fit` (safetensors / npz only, no pickle), or a
     built-in model of the package's zoo by name (``her2st-hinge``; :mod:`stgen.utils.zoo`).
@@ -274,7 +299,7 @@ def load_run(run_dir: str | Path) -> TrainedRun:
     if not (run_dir / "run.json").is_file():
         raise InputError(f"{run_dir} is not a stgen run directory (no run.json); create one with `stgen fit`")
     meta = yaml.safe_load((run_dir / "run.json").read_text())
-    cfg = StgenConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()), source=str(run_dir / "config.yaml"))
+    cfg = read_run_config(run_dir)
     name = meta["model"]
     cls = spot_model(name)
     return TrainedRun(meta, cfg, cls.load(run_dir, meta, cls.section_of(cfg)), run_dir=run_dir)
