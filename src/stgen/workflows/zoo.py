@@ -36,9 +36,10 @@ ZOO_MODELS = ("hinge", "stflow", "ridge")
 #: Five-fold leave-one-section-out means on Her2ST with default settings (``stgen benchmark``, docs/results.md,
 #: "all models" table); shown by ``stgen models`` beside each shipped run of that model.
 BENCHMARK = {
-    "hinge": {"pcc50": 0.718, "pcc200": 0.651, "mse": 1.575, "gsc": 0.709, "ssc": 0.115},  # issue 15 defaults
+    # issue 15 defaults with Macenko features (features.stain: auto): reports/issue15d/five
+    "hinge": {"pcc50": 0.735, "pcc200": 0.670, "mse": 1.324, "gsc": 0.720, "ssc": 0.131},
     "stflow": {"pcc50": 0.694, "pcc200": 0.621, "mse": 1.522, "gsc": 0.749, "ssc": 0.267},
-    "ridge": {"pcc50": 0.644, "pcc200": 0.569, "mse": 1.874, "gsc": 0.653, "ssc": 0.078},
+    "ridge": {"pcc50": 0.672, "pcc200": 0.605, "mse": 1.619, "gsc": 0.696, "ssc": 0.118},
 }
 
 
@@ -81,11 +82,10 @@ def _half_if_representable(a: np.ndarray) -> np.ndarray:
 def _probe(data_dir: Path, cache_dir: Path, run_dir: Path, n: int = 48) -> tuple[np.ndarray, np.ndarray]:
     """Features and spot xy of the first ``n`` spots of the run's first training section."""
     from stgen.data.dataset import as_dataset
-    from stgen.workflows.config import StgenConfig
-    import yaml
+    from stgen.workflows.rundir import read_run_config
 
     meta = json.loads((run_dir / "run.json").read_text())
-    cfg = StgenConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    cfg = read_run_config(run_dir)
     from stgen.workflows.inputs import section_features
 
     a = as_dataset(data_dir).read(meta["train_sections"][0], require_image=True)[:n].copy()
