@@ -233,10 +233,13 @@ def test_weight_ema_is_what_validation_scores_and_the_run_keeps_and_training_is_
     weights and scores other values; a decay outside (0, 1) is refused."""
     secs = [_section(seed=s) for s in range(2)]
 
+    dsm: dict = {}
+
     def run(ema):
         cfg = FlagConfig(**TINY, max_steps=60, val_every=20, crop_spots=30, val_steps=2, lr=5e-3, knn=8, ema=ema)
         m = _model()
         hist = train_flag(m, secs, cfg, lambda xy, f: build_spot_graph(xy, f, k=8), progress=False)
+        dsm[ema] = [r["train_dsm"] for r in hist["history"]]
         return {k: v.clone() for k, v in m.state_dict().items()}, [r["val_mse"] for r in hist["history"]]
 
     plain, plain_val = run(None)
@@ -246,9 +249,49 @@ def test_weight_ema_is_what_validation_scores_and_the_run_keeps_and_training_is_
     np.testing.assert_allclose(near_val, plain_val, rtol=1e-4)
     assert not all(torch.allclose(plain[k], avg[k], atol=1e-4) for k in plain)
     assert not np.allclose(avg_val, plain_val, rtol=1e-4)
+    assert dsm[None] == dsm[0.9]  # training itself does not see the average (swapped back after validation)
     for bad in (0, 1, 1.5, -0.1):
         with pytest.raises(InputError, match="flag.ema"):
             FlagConfig(ema=bad)
+    import pickle
+
+    from stgen.models.flag.training import FlagModule
+
+    module = FlagModule(_model(), FlagConfig(**TINY, ema=0.9))  # ddp_spawn pickles the module
+    assert pickle.loads(pickle.dumps(module)).ema is not None
+
+
+def test_the_kept_weights_are_the_exponential_average_of_every_steps_weights(monkeypatch):
+    """With one validation at the end, the run keeps ``e_1 = w_1, e_s = d e_(s-1) + (1 - d) w_s`` over the trained
+    weights ``w_s`` after every step, computed here by hand; when no validation value counts (NaN every round, so
+    no best weights) it keeps the average too."""
+    from stgen.models.flag import training as FT
+
+    secs = [_section(seed=s) for s in range(2)]
+    steps: list[dict] = []
+    own = FT.FlagModule.on_train_batch_end
+
+    def record(self, outputs, batch, batch_idx):
+        own(self, outputs, batch, batch_idx)
+        steps.append({n: p.detach().clone() for n, p in self.model.named_parameters()})
+
+    monkeypatch.setattr(FT.FlagModule, "on_train_batch_end", record)
+    for no_validation in (False, True):
+        if no_validation:
+            scored = FT.FlagModule.record_validation
+            monkeypatch.setattr(FT.FlagModule, "record_validation",
+                                lambda self, value, net, **kw: scored(self, float("nan"), net, **kw))
+        steps.clear()
+        cfg = FlagConfig(**TINY, max_steps=12, val_every=12, crop_spots=30, val_steps=2, lr=5e-3, knn=8, ema=0.8)
+        m = _model()
+        hist = train_flag(m, secs, cfg, lambda xy, f: build_spot_graph(xy, f, k=8), progress=False)
+        assert len(steps) == 12 and (hist["best_step"] == -1) == no_validation
+        expected = dict(steps[0])
+        for w in steps[1:]:
+            expected = {n: 0.8 * expected[n] + 0.2 * w[n] for n in expected}
+        for n, p in m.named_parameters():
+            assert torch.allclose(p, expected[n], atol=1e-6), n
+            assert not torch.allclose(p, steps[-1][n], atol=1e-6) or not p.requires_grad, n
 
 
 def test_generate_is_deterministic_finite_and_in_target_units():

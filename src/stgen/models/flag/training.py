@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 import lightning as L
@@ -21,6 +22,13 @@ from stgen.training.trainer import _trainer
 from stgen.training.state import key_seed
 from stgen.training.best_weights import mean_or_nan
 from stgen.training.data import split_validation
+
+
+@torch.no_grad()
+def ema_update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged, decay: float) -> None:
+    """One EMA step in place, ``averaged = decay * averaged + (1 - decay) * current`` (the ``multi_avg_fn`` of
+    :class:`torch.optim.swa_utils.AveragedModel`, which copies the weights at its first update)."""
+    torch._foreach_lerp_(averaged, current, 1.0 - decay)
 
 
 class FlagModule(BestWeights, L.LightningModule):
@@ -62,9 +70,10 @@ class FlagModule(BestWeights, L.LightningModule):
         self.ema = None
         self._trained: dict | None = None
         if cfg.ema is not None:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+            from torch.optim.swa_utils import AveragedModel
 
-            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema))
+            # a partial of a module-level function, not torch's closure: ddp_spawn pickles the module
+            self.ema = AveragedModel(model, multi_avg_fn=functools.partial(ema_update, decay=float(cfg.ema)))
             self.ema.requires_grad_(False)  # never trained (and no unused gradients under DDP)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
@@ -197,6 +206,8 @@ def train_flag(
                        distributed=True)
     trainer.fit(module, train_dl, DataLoader(val, batch_size=None) if val else None)
     module.restore_best(model)
+    if module.ema is not None and module.best_state is None:  # no validation ran: keep the averaged weights
+        module._swap_in(dict(module.ema.module.named_parameters()))
     model.eval()
     n_train = int(len(f_tr))
     return {
