@@ -108,6 +108,9 @@ def test_auto_stain_is_each_models_own_default_and_older_runs_load_unnormalised(
         assert auto.for_model(model).features.stain == stain, model
         explicit = StgenConfig.from_dict({"features": {"stain": stain}})
         assert config_hash(auto, model, "X") == config_hash(explicit, model, "X"), model
+    from stgen.workflows.inputs import feature_settings
+
+    assert feature_settings(auto.for_model("hinge"), None).stain == "macenko"  # what the fit encodes with
     none = StgenConfig.from_dict({"features": {"stain": "none"}})
     assert none.for_model("hinge") is none  # an explicit choice is kept for every model
     with pytest.raises(InputError, match="unknown model"):

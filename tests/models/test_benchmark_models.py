@@ -143,6 +143,12 @@ def test_benchmark_all_models_one_report_reused_and_refit_only_what_changed(tmp_
         assert f"| {name} |" in report, name
     assert "spots/s" in report
     assert "macenko (hinge, ridge)" in report and "none (hinge-paper, flag," in report  # resolved per model
+    for name in MODELS:  # what each fit encoded with (features.stain: auto), saved with the run
+        saved = yaml.safe_load((bench / "runs" / name / "A2" / "config.yaml").read_text())
+        assert saved["features"]["stain"] == ("macenko" if name in ("hinge", "ridge") else "none"), name
+        assert json.loads((bench / "runs" / name / "A2" / "run.json").read_text())["features"]["stain"] == \
+            saved["features"]["stain"], name
+    assert yaml.safe_load((bench / "runs" / "hinge-paper" / "A2" / "config.yaml").read_text())["hinge"]["sd_scale"] == 1.0
     assert (bench / "maps_A2.png").stat().st_size > 1000
     # a re-run trains and predicts nothing; a changed bleep section refits bleep only
     fits.clear(), predicts.clear()

@@ -14,6 +14,7 @@ needs, written atomically (a failed fit leaves no RUN_DIR behind):
 
 from __future__ import annotations
 
+from dataclasses import asdict
 import logging
 import time
 from pathlib import Path
@@ -189,5 +190,7 @@ def fit(
         meta["timings"] = timings
         meta["config_hash"] = config_hash(cfg, model, test_section)
         write_json(tmp / "run.json", meta)
-        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        saved = cfg.to_dict()  # a preset model's section as it trained (hinge-paper: the paper preset applied)
+        saved[cls.config_section or model] = asdict(cls.trained_section(sub))
+        (tmp / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     return meta

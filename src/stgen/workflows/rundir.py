@@ -240,8 +240,9 @@ class TrainedRun:
         return self.meta["panel"]
 
     def features(self, progress: bool = False) -> FeatureSettings:
-        """The run's encoder settings with the spot patch at :attr:`patch_px` (when set)."""
-        fs = feature_settings(self.cfg, self.cache_dir, progress)
+        """The run's encoder settings with the spot patch at :attr:`patch_px` (when set); a configuration still
+        saying ``features.stain: auto`` (a run assembled by hand) resolves to the run's model's default."""
+        fs = feature_settings(self.cfg.for_model(self.meta["model"]), self.cache_dir, progress)
         if self.patch_px is not None:
             fs.patch_px = int(self.patch_px)
         return fs
