@@ -105,7 +105,8 @@ class HingeConfig:
     # narrow (90% interval covered 0.70 of true values on the inner folds above; 1.63 solved 0.90 without the
     # spatial context; 1.83 with the context and dropout below). On Macenko-normalised features (the default,
     # features.stain: auto), 1.78 = 1.6 x 1.115 solves an inner-fold mean coverage_90 of 0.90
-    # (benchmarks/nested_variants.py). 1.0 leaves the sd as fitted (the paper's sample sd: hinge-paper)
+    # (benchmarks/nested_variants.py); with features.stain: none, 1.83 was the calibrated value. 1.0 leaves the sd
+    # as fitted (the paper's sample sd: hinge-paper)
     sd_scale: float = 1.78
     # spatial context of the condition (spot pitches; [] = one patch, the paper). With feat_dropout 0.3, chosen on
     # nested leave-one-section-out folds inside fold C2's training sections (benchmarks/nested_variants.py, inner
