@@ -52,6 +52,13 @@ def test_normalise_maps_one_stain_to_another_and_is_the_identity_on_its_own_stai
     same = np.abs(normalise_stains(img, src, src).astype(int) - img.astype(int))
     assert np.percentile(same, 99) <= 2
     assert np.abs(out.astype(int) - img.astype(int)).mean() > 5  # the stains did change
+    # the optical-density lookup and 3 x 3 map give Macenko's per-pixel least squares exactly (uint8 out)
+    od = -np.log((img.reshape(-1, 3).astype(np.float64) + 1) / IO)
+    conc_ls = np.linalg.lstsq(src.he, od.T, rcond=None)[0] * (ref.max_c / src.max_c)[:, None]
+    direct = np.clip(IO * np.exp(-ref.he @ conc_ls), 0, 255).T.reshape(img.shape).astype(np.uint8)
+    np.testing.assert_array_equal(out, direct)
+    with pytest.raises(InputError, match="uint8 RGB"):
+        normalise_stains(img.astype(np.float32), src, ref)
 
 
 def test_a_blank_image_has_no_stain_to_estimate():

@@ -27,6 +27,8 @@ STAIN_METHODS = ("none", "macenko")
 STAIN_AUTO = "auto"
 #: transmitted light intensity and the OD threshold of a stained pixel (Macenko's defaults, torchstain's)
 IO, BETA, ALPHA = 240, 0.15, 1
+#: optical density ``-log((I + 1) / Io)`` of every 8-bit intensity ``I``
+_OD_OF_UINT8 = -np.log((np.arange(256, dtype=np.float64) + 1) / IO)
 
 
 def check_stain_method(stain: str, allow_auto: bool = False) -> str:
@@ -83,8 +85,11 @@ def normalise_stains(patches: np.ndarray, source: StainMatrix, target: StainMatr
     """Map RGB patches (..., 3) uint8 stained with ``source`` to ``target``'s stains (Macenko's mapping,
     module docstring); returns uint8 of the same shape. Unstained (white) pixels stay near ``Io``."""
     x = np.asarray(patches)
-    od = -np.log((x.reshape(-1, 3).astype(np.float64) + 1) / IO)
-    conc = np.linalg.lstsq(source.he, od.T, rcond=None)[0]  # (2, P)
-    conc *= (target.max_c / source.max_c)[:, None]
-    rgb = IO * np.exp(-target.he @ conc)
-    return np.clip(rgb.T, 0, 255).reshape(x.shape).astype(np.uint8)
+    if x.dtype != np.uint8 or x.shape[-1:] != (3,):
+        raise InputError(f"stain normalisation needs uint8 RGB patches (..., 3), got {x.dtype} {x.shape}")
+    od = _OD_OF_UINT8[x.reshape(-1, 3)]  # (P, 3) optical density, looked up per 8-bit value
+    # least-squares concentrations C = pinv(HE) OD (HE is 3 x 2 of full rank: lstsq's solution), rescaled and
+    # rendered with the target's stains: one 3 x 3 map of the optical density
+    od_map = target.he @ ((target.max_c / source.max_c)[:, None] * np.linalg.pinv(source.he))
+    rgb = IO * np.exp(-(od @ od_map.T))
+    return np.clip(rgb, 0, 255).reshape(x.shape).astype(np.uint8)
