@@ -152,7 +152,7 @@ class SpotModel(ABC):
     models, so that cached runs of every model keep their hashes), ``config_section`` (the YAML section it
     reads when not its ``name``: ``hinge-paper`` reads ``hinge``; see :meth:`section_of`), ``default_stain``
     (the stain normalisation of its features under ``features.stain: auto``, the default: ``none`` or
-    ``macenko``, chosen per model on nested leave-one-section-out folds; models not measured keep ``none``).
+    ``macenko``, chosen per model on nested leave-one-section-out folds; ST-Net, which never reads it, keeps ``none``).
     """
 
     name: ClassVar[str]
