@@ -111,17 +111,24 @@ class StgenConfig:
     def for_model(self, model: str) -> "StgenConfig":
         """This configuration as model ``model`` trains and predicts with it: ``features.stain: auto`` replaced
         by the model's own default (``SpotModel.default_stain``, chosen per model on nested leave-one-section-out
-        folds, docs/results.md "Stain normalisation"); itself when nothing is left to resolve. Every fit
-        resolves its configuration so (the saved ``config.yaml`` and the config hash hold the resolved value).
+        folds, docs/results.md "Stain normalisation"), and a preset model's section with its preset applied
+        (``SpotModel.trained_section``: ``hinge-paper``'s ``hinge`` section is the paper's); itself when nothing
+        is left to resolve. Every fit resolves its configuration so: the saved ``config.yaml`` and the config
+        hash hold the resolved values.
 
         Raises InputError for an unknown model."""
         from stgen.image.stain import STAIN_AUTO
         from stgen.models.registry import spot_model
 
         cls = spot_model(model)
-        if self.features.stain != STAIN_AUTO:
-            return self
-        return dataclasses.replace(self, features=dataclasses.replace(self.features, stain=cls.default_stain))
+        out = self
+        if out.features.stain == STAIN_AUTO:
+            out = dataclasses.replace(out, features=dataclasses.replace(out.features, stain=cls.default_stain))
+        section = cls.section_of(out)
+        trained = cls.trained_section(section)
+        if trained is not section:
+            out = dataclasses.replace(out, **{cls.config_section or cls.name: trained})
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, source: str = "config") -> "StgenConfig":

@@ -14,7 +14,6 @@ needs, written atomically (a failed fit leaves no RUN_DIR behind):
 
 from __future__ import annotations
 
-from dataclasses import asdict
 import logging
 import time
 from pathlib import Path
@@ -137,7 +136,7 @@ def fit(
     when resuming.
     """
     cls = spot_model(model)
-    cfg = (cfg or StgenConfig()).for_model(model)  # features.stain: auto -> the model's own default
+    cfg = (cfg or StgenConfig()).for_model(model)  # stain auto resolved; hinge-paper: the paper preset applied
     if cfg.features.patch_um is not None and cls.cuts_own_patches:
         raise InputError(f"{model} cuts its own image patches at features.patch_px pixels: unset features.patch_um")
     data_dir, cache_dir = as_dataset(data_dir, data_format), Path(cache_dir or default_cache_dir())
@@ -190,7 +189,5 @@ def fit(
         meta["timings"] = timings
         meta["config_hash"] = config_hash(cfg, model, test_section)
         write_json(tmp / "run.json", meta)
-        saved = cfg.to_dict()  # a preset model's section as it trained (hinge-paper: the paper preset applied)
-        saved[cls.config_section or model] = asdict(cls.trained_section(sub))
-        (tmp / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return meta

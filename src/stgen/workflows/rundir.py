@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -203,10 +203,7 @@ def config_hash(cfg: StgenConfig, model: str, test_section: str) -> str:
     only for ``hinge`` and ``hinge-paper``; ``hinge-paper`` counts them at its preset's values
     (:meth:`~stgen.models.base.SpotModel.trained_section`), so a new HINGE default leaves its runs valid.
     """
-    cfg = cfg.for_model(model)  # features.stain: auto hashes as the model's own default
-    d = cfg.to_dict()
-    cls = spot_model(model)  # a preset model (hinge-paper) hashes its section with the preset applied
-    d[cls.config_section or model] = asdict(cls.trained_section(cls.section_of(cfg)))
+    d = cfg.for_model(model).to_dict()  # stain auto resolved, a preset model's section with its preset applied
     if not model.startswith("hinge"):  # HINGE's sampler and head train no other model: they enter other
         d["hinge"] = {**{k: v for k, v in d["hinge"].items() if k not in HINGE_ONLY},  # models' hashes at
                       **HINGE_ONLY_AS_HASHED}  # their values when those hashes were first computed
