@@ -15,7 +15,7 @@ trained on, e.g. a nested inner fold) it draws ``--samples`` probability-flow sa
   follows gene programs; near 0 means independent per-gene noise, which averaging dilutes and which lowers GSC;
 * ``noise_sd``: the sd of sample - sample average (target units), the per-sample noise;
 * ``x0_pcc50``, ``x0_gsc``: the denoiser's one-call estimate ``D(x_T, sigma_max)`` (the conditional mean the
-  network predicts from pure noise, as a regressor would).
+  network predicts from pure noise, as a regressor would; an ensemble's: the mean of its members').
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     from stgen.evaluation.metrics import evaluate
     from stgen.models.base import SectionInput
     from stgen.models.flag.model import graph_builder, image_inputs
+    from stgen.models.flag.network import member_networks
     from stgen.workflows.analysis import section_truth
     from stgen.workflows.inputs import section_features
     from stgen.workflows.paths import default_cache_dir, default_data_dir
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 
     with torch.no_grad():
         noise = torch.randn(len(f), len(genes), generator=torch.Generator().manual_seed(0))
-        x0 = net.denormalise(net(noise * net.sde.sigma_max, net.sde.sigma_max, f, graph)).numpy()
+        x0 = net.denormalise(torch.stack([m(noise * net.sde.sigma_max, net.sde.sigma_max, f, graph)
+                                          for m in member_networks(net)]).mean(0)).numpy()  # members' mean
     x0_scores = score(x0)
     rows = []
     for order in [int(o) for o in args.orders.split(",")]:

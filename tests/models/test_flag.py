@@ -294,6 +294,63 @@ def test_the_kept_weights_are_the_exponential_average_of_every_steps_weights(mon
             assert not torch.allclose(p, steps[-1][n], atol=1e-6) or not p.requires_grad, n
 
 
+def test_each_ensemble_member_trains_as_it_would_alone_and_the_members_differ():
+    """``flag.ensemble: 2``: member 0 ends bit-for-bit where a one-network fit of the same seed ends (same
+    initialisation, noise, crops; a gradient clip so tight that it acts every step is applied per member), member
+    1 has other weights; the members share the statistics; a fit with validation keeps the ensemble it scored."""
+    from stgen.models.flag.network import FlagEnsemble, flag_network
+
+    secs = [_section(seed=s) for s in range(2)]
+
+    def fit(ensemble, **kw):
+        cfg = FlagConfig(**TINY, max_steps=10, val_every=10, crop_spots=30, val_steps=2, lr=5e-3, knn=8,
+                         grad_clip=1e-3, ensemble=ensemble, **kw)
+        torch.manual_seed(0)
+        net = flag_network(cfg, 10, 6, torch.randn(10, 8))
+        hist = train_flag(net, secs, cfg, lambda xy, f: build_spot_graph(xy, f, k=8), progress=False)
+        return net, hist
+
+    one, _ = fit(1, val_fraction=0.0)
+    two, _ = fit(2, val_fraction=0.0)
+    assert isinstance(one, FLAG) and isinstance(two, FlagEnsemble) and len(two.members) == 2
+    first, second = two.members[0].state_dict(), two.members[1].state_dict()
+    for k, v in one.state_dict().items():
+        assert torch.equal(v, first[k]), k
+    trained = [k for k, _ in one.named_parameters()]
+    assert all(not torch.allclose(first[k], second[k]) for k in trained if k != "graph_encoder.blocks.0.attn.lam")
+    assert torch.equal(first["target_std"], second["target_std"]) and torch.equal(first["feat_mean"],
+                                                                                  second["feat_mean"])
+    kept, hist = fit(2)
+    assert hist["best_step"] == 10 and hist["n_val"] == 6 and not kept.training
+    with pytest.raises(InputError, match="flag.ensemble"):
+        FlagConfig(ensemble=0)
+    with pytest.raises(InputError, match="at least 2"):
+        FlagEnsemble([_model()])
+
+
+def test_ensemble_samples_alternate_between_the_members():
+    """Sample ``k`` of an ensemble is member ``k % M``'s probability-flow run from the shared generator's next
+    noise: the mean and sd of 4 samples equal those of the members' own runs taken in turn."""
+    from stgen.models.flag.network import FlagEnsemble
+
+    a, b = _model(seed=1).eval(), _model(seed=2).eval()
+    with torch.no_grad():  # a fresh FLAG's output is its skip term whatever its weights (adaLN-Zero): perturb them
+        for p in [*a.parameters(), *b.parameters()]:
+            p.add_(0.2 * torch.randn_like(p))
+    ens = FlagEnsemble([a, b])
+    f, xy, _ = _section()
+    graph = build_spot_graph(xy, f, k=8)
+    feats = torch.as_tensor(f, dtype=torch.float32)
+    mean, sd = ens.generate(feats, graph, n_samples=4, steps=3, generator=torch.Generator().manual_seed(5), order=1)
+    g = torch.Generator().manual_seed(5)
+    runs = torch.stack([m.generate(feats, graph, n_samples=1, steps=3, generator=g, order=1)[0]
+                        for m in (a, b, a, b)])
+    torch.testing.assert_close(mean, runs.mean(0))
+    torch.testing.assert_close(sd, runs.std(0, unbiased=False))
+    alone, _ = a.generate(feats, graph, n_samples=4, steps=3, generator=torch.Generator().manual_seed(5), order=1)
+    assert not torch.allclose(alone, mean)
+
+
 def test_generate_is_deterministic_finite_and_in_target_units():
     m = _model().eval()
     f, xy, y = _section()
@@ -359,14 +416,15 @@ def _synthetic_setup(tmp_path, monkeypatch, n_top: int, seed: int, **flag) -> No
     monkeypatch.setenv("STGEN_CACHE", str(tmp_path / "cache"))
 
 
-def test_fit_load_predict_round_trip_on_synthetic_data(tmp_path, monkeypatch):
+@pytest.mark.parametrize("ensemble", [1, 2])
+def test_fit_load_predict_round_trip_on_synthetic_data(tmp_path, monkeypatch, ensemble):
     from typer.testing import CliRunner
 
     from stgen.cli import app
     from stgen.workflows.rundir import load_run
     from stgen.workflows.predict import predict
 
-    _synthetic_setup(tmp_path, monkeypatch, n_top=20, seed=0, max_steps=6, val_every=3)
+    _synthetic_setup(tmp_path, monkeypatch, n_top=20, seed=0, max_steps=6, val_every=3, ensemble=ensemble)
     run_dir = tmp_path / "run"
     r = CliRunner().invoke(app, ["fit", "--model", "flag", "--data", str(tmp_path / "her2st"), "--test-section", "A1",
                                  "--out", str(run_dir), "--config", str(tmp_path / "cfg.yaml"), "--quiet"])
@@ -375,6 +433,10 @@ def test_fit_load_predict_round_trip_on_synthetic_data(tmp_path, monkeypatch):
     assert meta["model"] == "flag" and meta["flag"]["steps"] == 2 and meta["flag"]["samples"] == 2
     assert meta["flag"]["sigma_px"] == 16.0 and meta["flag"]["knn"] == 8 and meta["flag"]["embedding_dim"] == 16
     assert meta["flag"]["config"]["dim"] == 16 and meta["flag"]["n_trainable"] > 0
+    assert meta["flag"]["config"]["ensemble"] == ensemble
+    keys = list(load_run(run_dir).model.net.state_dict())
+    assert {k.split(".")[1] for k in keys if k.startswith("members.")} == ({"0", "1"} if ensemble == 2 else set())
+    assert ensemble == 2 or not any(k.startswith("members.") for k in keys)
     assert meta["training"]["steps_run"] == 6 and meta["config_hash"] == config_hash(
         StgenConfig.load(tmp_path / "cfg.yaml"), "flag", "A1")
     assert "genes" not in meta["backbone"]

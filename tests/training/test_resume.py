@@ -27,7 +27,7 @@ from stgen.models.hinge.config import HingeConfig
 from stgen.nn.graph import build_spot_graph
 from stgen.sampling.masking import MaskSchedule
 from stgen.backbones.embedded import BackboneConfig, ExpressionBackbone
-from stgen.models.flag.network import FLAG
+from stgen.models.flag.network import flag_network
 from stgen.models.hinge.network import HINGE
 from model_fixtures import synthetic_her2st as _synthetic_her2st  # imaged A1-A3, expression-only B1, B2
 from model_fixtures import flag_toy_sections
@@ -109,32 +109,34 @@ def test_hinge_resume_is_identical_to_an_uninterrupted_fit(tmp_path, monkeypatch
         assert (hist["epochs_run"], hist["best_epoch"]) == (ref_hist["epochs_run"], ref_hist["best_epoch"]), case
 
 
-def _flag_fit(ckpt_dir: Path, resume: bool = False, ema: float | None = None):
+def _flag_fit(ckpt_dir: Path, resume: bool = False, ema: float | None = None, ensemble: int = 1):
     sections = flag_toy_sections()
     tiny = dict(dim=16, graph_layers=1, graph_heads=2, dit_layers=2, dit_heads=2, mlp_ratio=2.0, align_layer=1,
                 dropout=0.1)  # dropout: the global RNG is reseeded per step, so it resumes exactly too
     torch.manual_seed(0)
-    model = FLAG(FlagConfig(**tiny), 10, 6, torch.randn(10, 8))
-    cfg = FlagConfig(**tiny, max_steps=40, val_every=10, crop_spots=20, val_steps=2, lr=5e-3, knn=8, ema=ema)
+    cfg = FlagConfig(**tiny, max_steps=40, val_every=10, crop_spots=20, val_steps=2, lr=5e-3, knn=8, ema=ema,
+                     ensemble=ensemble)
+    model = flag_network(cfg, 10, 6, torch.randn(10, 8))
     last = ckpt_dir / "last.ckpt"
     with TR.training_context(ckpt_dir=ckpt_dir, resume_from=last if resume else None):
         hist = FT.train_flag(model, sections, cfg, lambda xy, f: build_spot_graph(xy, f, k=8), progress=False)
     return model.state_dict(), hist
 
 
-@pytest.mark.parametrize("ema", [None, 0.9])  # with EMA, the averaged weights resume too
-def test_flag_resume_is_identical_to_an_uninterrupted_fit(tmp_path, monkeypatch, ema):
-    ref, ref_hist = _flag_fit(tmp_path / "ref", ema=ema)
+# with EMA the averaged weights resume too; an ensemble resumes every member
+@pytest.mark.parametrize("ema, ensemble", [(None, 1), (0.9, 1), (None, 2)])
+def test_flag_resume_is_identical_to_an_uninterrupted_fit(tmp_path, monkeypatch, ema, ensemble):
+    ref, ref_hist = _flag_fit(tmp_path / "ref", ema=ema, ensemble=ensemble)
     assert ref_hist["steps_run"] == 40 and len(ref_hist["history"]) == 4
     for case in [(2, 0, "kill"), (1, 4, "term")]:
         run = tmp_path / "-".join(map(str, case))
         with monkeypatch.context() as m:
             _stop_at(m, FT.FlagModule, *case)
             with pytest.raises((_Kill, TR.TrainingInterrupted)):
-                _flag_fit(run, ema=ema)
+                _flag_fit(run, ema=ema, ensemble=ensemble)
         info = json.loads((run / "last.json").read_text())
         assert info["global_step"] == (20 if case[2] == "kill" else 15)
-        state, hist = _flag_fit(run, resume=True, ema=ema)
+        state, hist = _flag_fit(run, resume=True, ema=ema, ensemble=ensemble)
         _same_weights(state, ref)
         assert hist["history"] == ref_hist["history"] and hist["best_step"] == ref_hist["best_step"]
 

@@ -17,7 +17,7 @@ ALIGN_TARGETS = ("contextual", "static")
 
 #: the fields that define the network (stored in run.json; the rest is training and sampling)
 ARCH_FIELDS = ("dim", "graph_layers", "graph_heads", "dit_layers", "dit_heads", "mlp_ratio", "align_layer", "dropout",
-               "knn", "sigma_min", "sigma_max", "context_radii")
+               "knn", "sigma_min", "sigma_max", "context_radii", "ensemble")
 
 
 @dataclass
@@ -43,7 +43,9 @@ class FlagConfig:
     VE-SDE noise limits; ``context_radii`` (spot pitches, stgen beyond the paper) - each spot's image feature
     is read beside, per radius ``r``, the mean feature of the spots within ``r`` pitches
     (:func:`stgen.nn.graph.neighbour_context`, as HINGE's ``context_radii``), ``[]`` the paper's per-spot
-    feature; the graph's image-similarity edges keep reading the spot's own feature. InputError names the
+    feature; the graph's image-similarity edges keep reading the spot's own feature; ``ensemble`` (stgen beyond
+    the paper) - that many networks trained side by side, each with its own initialisation and noise, sampled
+    in turn (:class:`stgen.models.flag.network.FlagEnsemble`; 1 = one network, the paper). InputError names the
     first field out of its range.
     """
 
@@ -61,6 +63,9 @@ class FlagConfig:
     sigma_max: float = 10.0
     # regional context of the image input (spot pitches; [] = the spot's own feature, the paper)
     context_radii: list[float] = field(default_factory=list)
+    # networks trained side by side and sampled in turn (a deep ensemble; 1 = the paper's one network). Each
+    # member trains max_steps steps, so the fit costs about ensemble x max_steps single-network steps
+    ensemble: int = 1
     # DSM weight of ||D - x0||^2: edm = (sigma^2 + 1) / sigma^2 (Karras et al., whose VE-SDE FLAG cites) |
     # ve = 1 / sigma^2 (lambda = sigma^2 on the score, Song et al.). With ve the high-noise levels, where the
     # histology decides the sample, get ~1/sigma^2 of the weight: on a synthetic fixture 300 steps of ve left the
@@ -86,7 +91,7 @@ class FlagConfig:
     # validation generation: None = the inference sampler (``steps`` Heun steps, order 2), ``val_samples``
     # averaged samples; a number = that many Euler (= DDIM) steps (the earlier, cheaper selection)
     val_steps: int | None = None
-    val_samples: int = 1
+    val_samples: int = 1  # per ensemble member
     # inference sampler of the probability-flow ODE: order 1 = Euler (the DDIM step, one denoiser call a step),
     # 2 = Heun (the paper; two calls a step, overshoots when a step divides sigma by more than ~3). Chosen on
     # nested folds inside fold C2's training sections (inner C5 and B4, benchmarks/flag_noise.py, docs/results.md):
@@ -100,7 +105,8 @@ class FlagConfig:
 
     def __post_init__(self) -> None:
         coerce_numbers(self, "flag")
-        for name in ("dim", "graph_heads", "dit_layers", "dit_heads", "knn", "steps", "samples", "val_samples"):
+        for name in ("dim", "graph_heads", "dit_layers", "dit_heads", "knn", "steps", "samples", "val_samples",
+                     "ensemble"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"flag.{name} must be >= 1, got {getattr(self, name)!r}")
         if self.graph_layers < 0:
@@ -132,4 +138,5 @@ class FlagConfig:
         unknown = set(arch) - {f.name for f in fields(cls)}
         if unknown:
             raise InputError(f"unknown FLAG architecture field(s) {sorted(unknown)}")
-        return cls(**{"context_radii": [], **arch})  # runs saved before the field read the spot's feature only
+        # runs saved before a field was added: context_radii, the spot's feature only; ensemble, one network
+        return cls(**{"context_radii": [], "ensemble": 1, **arch})

@@ -26,7 +26,7 @@ from stgen.models.base import (FeatureSettings, FitContext, SectionInput, SpotMo
                                check_sampler_options, load_state_strict, read_weights,
                                sampling_device)
 from stgen.models.flag.config import FlagConfig
-from stgen.models.flag.network import FLAG
+from stgen.models.flag.network import FLAG, FlagEnsemble, flag_network
 from stgen.models.flag.training import train_flag
 from stgen.nn.graph import build_spot_graph, neighbour_context
 
@@ -54,7 +54,8 @@ def image_inputs(section: SectionInput, radii: list[float]) -> np.ndarray:
 
 
 class FlagModel(SpotModel):
-    """A fitted FLAG run: the network and its graph and sampler settings."""
+    """A fitted FLAG run: the network (one :class:`FLAG`, or a :class:`FlagEnsemble` with ``flag.ensemble`` > 1)
+    and its graph and sampler settings."""
 
     name: ClassVar[str] = "flag"
     generative: ClassVar[bool] = True
@@ -63,7 +64,7 @@ class FlagModel(SpotModel):
     panel_from_backbone: ClassVar[bool] = False  # genes outside the vocabulary stay, without alignment targets
     needs_xy: ClassVar[bool] = False  # checked in predict, with FLAG's own message
 
-    def __init__(self, net: FLAG, meta: dict, backbone_meta: dict | None, cfg: FlagConfig) -> None:
+    def __init__(self, net: FLAG | FlagEnsemble, meta: dict, backbone_meta: dict | None, cfg: FlagConfig) -> None:
         self.net, self.meta, self.backbone_meta, self.cfg = net, meta, backbone_meta, cfg
 
     @classmethod
@@ -97,8 +98,8 @@ class FlagModel(SpotModel):
             states = [contextual_gene_states(bb, genes, torch.as_tensor(s.targets)[:, known]).half() for s in train]
         torch.manual_seed(cfg.seed)
         f = train[0].feats.shape[1]
-        net = FLAG(cfg, len(panel), f * (1 + len(cfg.context_radii)), emb,
-                   align_dim=width if cfg.align_weight > 0 else None)
+        net = flag_network(cfg, len(panel), f * (1 + len(cfg.context_radii)), emb,
+                           align_dim=width if cfg.align_weight > 0 else None)
         graph = flag_graph_settings(cfg, context.patch_px)
         sections = [(image_inputs(s, cfg.context_radii), s.xy, s.targets) for s in train]
         history = train_flag(net, sections, cfg, graph_builder(graph, f), progress=progress, align_states=states,
@@ -131,8 +132,8 @@ class FlagModel(SpotModel):
         static = fm.get("align_target", "static") == "static"  # runs saved before contextual alignment are static
         emb = torch.zeros(len(meta["panel"]), width) if static and width else None
         arch = FlagConfig.from_architecture(fm["config"])
-        net = FLAG(arch, len(meta["panel"]), meta["feature_dim"] * (1 + len(arch.context_radii)), emb,
-                   align_dim=width)
+        net = flag_network(arch, len(meta["panel"]), meta["feature_dim"] * (1 + len(arch.context_radii)), emb,
+                           align_dim=width)
         load_state_strict(net, tensors, source)
         return cls(net.eval(), fm, meta.get("backbone"), cfg)
 

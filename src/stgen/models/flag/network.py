@@ -286,17 +286,105 @@ class FLAG(nn.Module):
         Returns ``(mean (N, G), std (N, G))`` over the samples, in target units
         (std zeros for one sample). All spots and genes of a step move at once.
         """
-        if n_samples < 1:
-            raise InputError(f"samples must be >= 1, got {n_samples}")
-        self.eval()
-        n, device = feats.shape[0], feats.device
-        graph = graph.to(device)
+        return sample_members([self], feats, graph, n_samples, steps, generator, progress, batch_size, order)
 
-        def denoise(x, sigma):
-            return self(x, sigma, feats, graph, chunk=batch_size)
 
-        runs = torch.stack([self.denormalise(heun_sample(denoise, (n, self.n_genes), self.sde, steps, generator,
-                                                         order=order, device=device, progress=progress))
-                            for _ in range(n_samples)])
-        std = runs.std(0, unbiased=False) if n_samples > 1 else torch.zeros_like(runs[0])
-        return runs.mean(0), std
+def sample_members(nets: list[FLAG], feats: torch.Tensor, graph: SpotGraph, n_samples: int, steps: int,
+                   generator: torch.Generator | None = None, progress: bool = False, batch_size: int | None = None,
+                   order: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean (N, G), std (N, G))`` in target units over ``n_samples`` probability-flow runs, run ``k`` with the
+    denoiser ``nets[k % len(nets)]`` (one network: :meth:`FLAG.generate`; an ensemble: its members in turn, so
+    the samples are draws of the members' equal mixture). The networks share the target statistics
+    (:meth:`FLAG.denormalise` of the first); InputError when ``n_samples < 1``."""
+    if n_samples < 1:
+        raise InputError(f"samples must be >= 1, got {n_samples}")
+    first = nets[0]
+    n, device = feats.shape[0], feats.device
+    graph = graph.to(device)
+    runs = []
+    for k in range(n_samples):
+        net = nets[k % len(nets)].eval()
+
+        def denoise(x, sigma, net=net):
+            return net(x, sigma, feats, graph, chunk=batch_size)
+
+        runs.append(first.denormalise(heun_sample(denoise, (n, first.n_genes), first.sde, steps, generator,
+                                                  order=order, device=device, progress=progress)))
+    runs = torch.stack(runs)
+    std = runs.std(0, unbiased=False) if n_samples > 1 else torch.zeros_like(runs[0])
+    return runs.mean(0), std
+
+
+class FlagEnsemble(nn.Module):
+    """``M >= 2`` FLAG denoisers of one architecture, trained side by side (``flag.ensemble``, stgen beyond
+    the paper; a deep ensemble, Lakshminarayanan et al. 2017, NeurIPS).
+
+    Each member has its own initialisation (drawn one after another from the run seed, so member 0 is the
+    single network a one-member fit would build) and, in training (:class:`~stgen.models.flag.training.FlagModule`),
+    its own noise levels and noise and its own gradient-norm clip; all read the same crops and share the
+    feature and target statistics. Sampling (:meth:`generate`, :func:`sample_members`) draws sample ``k``
+    from member ``k % M``, so the mean is over the members' mixture and the sd holds their disagreement.
+    The attributes that the training and the model read of a :class:`FLAG` (``config``, ``n_genes``,
+    ``feat_dim``, ``sde``, statistics, ``has_alignment``) are the first member's. Weights are saved as
+    ``members.<i>.<FLAG name>``.
+
+    Raises InputError with fewer than two members or members of different shapes.
+    """
+
+    def __init__(self, members: list[FLAG]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise InputError(f"a FLAG ensemble needs at least 2 members, got {len(members)}")
+        shapes = {(m.n_genes, m.feat_dim) for m in members}
+        if len(shapes) > 1:
+            raise InputError(f"FLAG ensemble members differ in (genes, features): {sorted(shapes)}")
+        self.members = nn.ModuleList(members)
+
+    @property
+    def first(self) -> FLAG:
+        return self.members[0]
+
+    config = property(lambda self: self.first.config)
+    n_genes = property(lambda self: self.first.n_genes)
+    feat_dim = property(lambda self: self.first.feat_dim)
+    sde = property(lambda self: self.first.sde)
+    has_alignment = property(lambda self: self.first.has_alignment)
+
+    def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """:meth:`FLAG.set_feature_stats` of every member."""
+        for m in self.members:
+            m.set_feature_stats(mean, std)
+
+    def set_target_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """:meth:`FLAG.set_target_stats` of every member."""
+        for m in self.members:
+            m.set_target_stats(mean, std)
+
+    def normalise(self, y: torch.Tensor) -> torch.Tensor:
+        return self.first.normalise(y)
+
+    def denormalise(self, x: torch.Tensor) -> torch.Tensor:
+        return self.first.denormalise(x)
+
+    @torch.no_grad()
+    def generate(self, feats: torch.Tensor, graph: SpotGraph, n_samples: int = 3, steps: int = 10,
+                 generator: torch.Generator | None = None, progress: bool = False, batch_size: int | None = None,
+                 order: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`FLAG.generate`, sample ``k`` drawn by member ``k % M`` (:func:`sample_members`)."""
+        return sample_members(list(self.members), feats, graph, n_samples, steps, generator, progress, batch_size,
+                              order)
+
+
+def flag_network(config: FlagConfig, n_genes: int, feat_dim: int, gene_embeddings: torch.Tensor | None = None,
+                 align_dim: int | None = None) -> FLAG | FlagEnsemble:
+    """The network of a FLAG run: one :class:`FLAG` when ``config.ensemble`` is 1, else a
+    :class:`FlagEnsemble` of that many, built one after another from the current torch RNG."""
+    if config.ensemble == 1:
+        return FLAG(config, n_genes, feat_dim, gene_embeddings, align_dim)
+    return FlagEnsemble([FLAG(config, n_genes, feat_dim, gene_embeddings, align_dim)
+                         for _ in range(config.ensemble)])
+
+
+def member_networks(net: FLAG | FlagEnsemble) -> list[FLAG]:
+    """The denoisers of a FLAG network: its members, or ``[net]``."""
+    return list(net.members) if isinstance(net, FlagEnsemble) else [net]

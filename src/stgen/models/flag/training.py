@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from stgen.models.flag.config import FlagConfig
 from stgen.errors import InputError
 from stgen.nn.graph import SpotGraph
-from stgen.models.flag.network import FLAG
+from stgen.models.flag.network import FLAG, FlagEnsemble, member_networks
 from stgen.sampling.vesde import WEIGHTINGS, dsm_loss
 from stgen.training.best_weights import BestWeights
 from stgen.training.state import EpochSampler
@@ -50,12 +50,17 @@ class FlagModule(BestWeights, L.LightningModule):
     With ``cfg.ema`` (a decay) an exponential moving average of the weights is updated after every step
     (``torch.optim.swa_utils.AveragedModel``, part of the checkpoint): validation swaps it in, so the
     weights scored and kept are the averaged ones, and swaps the trained ones back for the next steps.
+    A :class:`~stgen.models.flag.network.FlagEnsemble` (``cfg.ensemble`` members) trains every member on the
+    step's crop, member ``i`` with the noise of ``key_seed(cfg.seed + i, ...)`` (member 0 as a single
+    network), the loss is the sum of the members' losses and the gradient norm is clipped per member, so
+    each member trains as it would alone; validation scores the ensemble's sampler (``val_samples`` per
+    member) and keeps the ensemble's best weights.
     """
 
     step_buffers = ("_dsm", "_align")
     reseed_steps = True
 
-    def __init__(self, model: FLAG, cfg: FlagConfig, align_genes: torch.Tensor | None = None) -> None:
+    def __init__(self, model: FLAG | FlagEnsemble, cfg: FlagConfig, align_genes: torch.Tensor | None = None) -> None:
         super().__init__()
         if cfg.loss_weighting not in WEIGHTINGS:
             raise InputError(f"unknown flag.loss_weighting {cfg.loss_weighting!r}; choose one of {WEIGHTINGS}")
@@ -87,23 +92,39 @@ class FlagModule(BestWeights, L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x0 = batch["x0"]
-        gen = torch.Generator().manual_seed(key_seed(self.cfg.seed, _NOISE, self.global_step, self.global_rank))
-        sigma = self.model.sde.sample_sigma(generator=gen, device=x0.device)
-        x = x0 + sigma * torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
-        out = self.model(x, sigma, batch["feats"], batch["graph"], return_align=self.align)
-        denoised, tokens = out if self.align else (out, None)
-        loss = dsm = dsm_loss(denoised, x0, sigma, self.model.sde, mask=batch["loss_mask"],
-                              weighting=self.cfg.loss_weighting)
-        self._dsm.append(float(dsm.detach()))
-        if self.align:
-            contextual = "align" in batch  # contextual targets read the true expression: training spots only
-            al = self.model.align_loss(tokens, mask=batch["loss_mask"] if contextual else None,
-                                       targets=batch["align"].to(tokens.dtype) if contextual else None,
-                                       genes=None if self.align_genes is None else self.align_genes.to(tokens.device))
-            loss = dsm + self.cfg.align_weight * al
-            self._align.append(float(al.detach()))
+        loss, dsms, aligns = 0.0, [], []
+        for i, net in enumerate(member_networks(self.model)):
+            gen = torch.Generator().manual_seed(key_seed(self.cfg.seed + i, _NOISE, self.global_step,
+                                                         self.global_rank))
+            sigma = net.sde.sample_sigma(generator=gen, device=x0.device)
+            x = x0 + sigma * torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
+            out = net(x, sigma, batch["feats"], batch["graph"], return_align=self.align)
+            denoised, tokens = out if self.align else (out, None)
+            dsm = dsm_loss(denoised, x0, sigma, net.sde, mask=batch["loss_mask"], weighting=self.cfg.loss_weighting)
+            loss = loss + dsm
+            dsms.append(float(dsm.detach()))
+            if self.align:
+                contextual = "align" in batch  # contextual targets read the true expression: training spots only
+                al = net.align_loss(tokens, mask=batch["loss_mask"] if contextual else None,
+                                    targets=batch["align"].to(tokens.dtype) if contextual else None,
+                                    genes=None if self.align_genes is None else self.align_genes.to(tokens.device))
+                loss = loss + self.cfg.align_weight * al
+                aligns.append(float(al.detach()))
+        self._dsm.append(float(np.mean(dsms)))
+        if aligns:
+            self._align.append(float(np.mean(aligns)))
         self.log("loss", loss, prog_bar=True, batch_size=1)
         return loss
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """An ensemble clips each member's gradient norm on its own (as if it trained alone); one network
+        clips as Lightning does."""
+        nets = member_networks(self.model)
+        if len(nets) == 1 or not gradient_clip_val:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        for net in nets:
+            torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.grad is not None],
+                                           float(gradient_clip_val))
 
     def on_validation_epoch_start(self) -> None:
         self._val_sq, self._val_n = 0.0, 0.0
@@ -114,8 +135,8 @@ class FlagModule(BestWeights, L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         steps, order = (self.cfg.steps, self.cfg.order) if self.cfg.val_steps is None else (self.cfg.val_steps, 1)
-        mean, _ = self.model.generate(batch["feats"], batch["graph"], n_samples=self.cfg.val_samples, steps=steps,
-                                      generator=self._val_gen, order=order)
+        mean, _ = self.model.generate(batch["feats"], batch["graph"], steps=steps, generator=self._val_gen,
+                                      n_samples=self.cfg.val_samples * len(member_networks(self.model)), order=order)
         m = batch["val_mask"]
         self._val_sq += float(((mean[m] - batch["y"][m]) ** 2).sum())
         self._val_n += float(m.sum()) * mean.shape[1]
@@ -135,7 +156,7 @@ class FlagModule(BestWeights, L.LightningModule):
 
 
 def train_flag(
-    model: FLAG,
+    model: FLAG | FlagEnsemble,
     sections: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
     cfg: FlagConfig,
     graph_builder: Callable[[np.ndarray, np.ndarray], SpotGraph],
