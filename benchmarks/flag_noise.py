@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from nested import print_row, write_rows
 
 
 def offdiag_abs_corr(m: np.ndarray) -> float:
@@ -99,13 +100,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                    "x0_pcc50": x0_scores[0], "x0_gsc": x0_scores[1], "x0_ssc": x0_scores[2],
                    "s_per_sample": dt / args.samples}
             rows.append(row)
-            print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                  flush=True)
-    df = pd.DataFrame(rows)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        df.to_csv(args.out, index=False)
-    return df
+            print_row(row)
+    return write_rows(rows, args.out)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,17 @@ def print_row(row: dict) -> None:
     print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
 
+def write_rows(rows: list[dict], out: Path | None):
+    """The rows as a DataFrame, written to the CSV ``out`` (its folder made) unless ``out`` is None."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(out, index=False)
+    return df
+
+
 def inner_means(df, keys: list[str], sort: bool = True):
     """Per setting ``keys`` (sorted, or in first-seen order): the mean of every numeric column over the inner
     folds, and ``n_inner``."""

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from nested import print_row, write_rows
 
 
 def _r(a: np.ndarray, b: np.ndarray) -> float:
@@ -73,13 +74,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                    "r_pred_i_pcc": _r(i_pred, pearson_per_gene(p, truth)),
                    "pc1_pred": _pc1_share(p), "pc1_true": _pc1_share(truth)}
             rows.append(row)
-            print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                  flush=True)
-    df = pd.DataFrame(rows)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        df.to_csv(args.out, index=False)
-    return df
+            print_row(row)
+    return write_rows(rows, args.out)
 
 
 if __name__ == "__main__":
