@@ -351,6 +351,29 @@ def test_ensemble_samples_alternate_between_the_members():
     assert not torch.allclose(alone, mean)
 
 
+def test_the_returned_sd_is_the_sample_spread_times_the_runs_sd_scale():
+    """``flag.sd_scale`` multiplies the sd ``predict`` returns (stored in run.json at fit time); the mean is
+    unchanged; a run saved before the field returns the spread itself; a scale <= 0 is refused."""
+    from stgen.models.base import FeatureSettings, SectionInput
+    from stgen.models.flag.model import FlagModel
+
+    net = _model(seed=3).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    f, xy, _ = _section()
+    base = {"config": net.config.architecture(), "steps": 2, "samples": 3, "order": 1, "sigma_px": 100.0, "knn": 8}
+    out = {}
+    for name, meta in {"before": base, "one": {**base, "sd_scale": 1.0}, "two": {**base, "sd_scale": 2.5}}.items():
+        out[name] = FlagModel(net, meta, None, FlagConfig(**TINY)).predict(SectionInput("S", xy, f),
+                                                                          FeatureSettings())
+    assert np.array_equal(out["before"][1], out["one"][1]) and out["one"][1].max() > 0
+    np.testing.assert_allclose(out["two"][1], 2.5 * out["one"][1], rtol=1e-6)
+    assert np.array_equal(out["two"][0], out["one"][0])
+    with pytest.raises(InputError, match="flag.sd_scale"):
+        FlagConfig(sd_scale=0)
+
+
 def test_generate_is_deterministic_finite_and_in_target_units():
     m = _model().eval()
     f, xy, y = _section()

@@ -189,7 +189,7 @@ HINGE_ONLY_AS_HASHED = {"steps": 5, "samples": 10}
 ADDED_AS_BEFORE = {
     "features": {"patch_um": None, "stain": "none"},
     "hinge": {"context_radii": [], "grad_clip": None, "feat_dropout": 0.0, "estimate": "mixture", "cond_token": False},
-    "flag": {"context_radii": [], "ema": None, "ensemble": 1},
+    "flag": {"context_radii": [], "ema": None, "ensemble": 1, "sd_scale": 1.0},
 }
 
 

@@ -100,6 +100,9 @@ class FlagConfig:
     order: int = 1
     steps: int = 5
     samples: int = 10  # averaged samples
+    # factor on the returned sd (the samples' spread), a calibration chosen on nested folds; 1 = the sampled
+    # spread (the paper). Stored in run.json; runs saved before the field use 1
+    sd_scale: float = 1.0
     seed: int = 42
     precision: str = "32-true"  # Lightning precision for training (also used to sample)
 
@@ -125,6 +128,8 @@ class FlagConfig:
         spot_pitches(self, "flag", "context_radii")
         if self.ema is not None and not 0 < self.ema < 1:
             raise InputError(f"flag.ema must be a decay in (0, 1) or null (off), got {self.ema!r}")
+        if not self.sd_scale > 0:
+            raise InputError(f"flag.sd_scale must be > 0, got {self.sd_scale!r}")
         if self.order not in (1, 2):
             raise InputError(f"flag.order must be 1 (Euler = DDIM) or 2 (Heun), got {self.order!r}")
 

@@ -104,7 +104,8 @@ class FlagModel(SpotModel):
         sections = [(image_inputs(s, cfg.context_radii), s.xy, s.targets) for s in train]
         history = train_flag(net, sections, cfg, graph_builder(graph, f), progress=progress, align_states=states,
                              align_genes=torch.nonzero(known).squeeze(-1))
-        meta = {"config": cfg.architecture(), "steps": cfg.steps, "samples": cfg.samples, "order": cfg.order, **graph,
+        meta = {"config": cfg.architecture(), "steps": cfg.steps, "samples": cfg.samples, "order": cfg.order,
+                "sd_scale": cfg.sd_scale, **graph,
                 "embedding_dim": width if net.has_alignment else 0, "align_weight": cfg.align_weight,
                 "align_target": cfg.align_target, "align_genes": len(genes),
                 "n_trainable": sum(p.numel() for p in net.parameters() if p.requires_grad)}
@@ -142,8 +143,9 @@ class FlagModel(SpotModel):
                 device: str | None = None, precision: str | None = None, **options) -> tuple[np.ndarray, np.ndarray]:
         """``(mean, sd)`` (N, G) over ``samples`` probability-flow samples (``steps`` steps of the run's sampler
         order: ``run.json['flag']['order']``, 1 = Euler/DDIM, 2 = Heun; runs saved before the field are Heun) of
-        the whole section at once (its spot graph from ``section.xy``), target units. ``batch_size``: spots per
-        DiT chunk (default: all); ``device``/``precision`` as for HINGE."""
+        the whole section at once (its spot graph from ``section.xy``), target units; the sd is the samples'
+        spread times the run's ``sd_scale`` (``flag.sd_scale``; 1 for runs saved before it). ``batch_size``: spots
+        per DiT chunk (default: all); ``device``/``precision`` as for HINGE."""
         if section.xy is None:
             raise InputError("FLAG predicts whole sections from a spot graph: give the spots' pixel coordinates xy")
         steps = steps or self.meta["steps"]
@@ -160,7 +162,8 @@ class FlagModel(SpotModel):
             mean, std = net.generate(torch.as_tensor(inputs, dtype=torch.float32, device=dev), graph,
                                      steps=steps, n_samples=samples, generator=gen, progress=progress,
                                      batch_size=batch_size, order=int(self.meta.get("order", 2)))
-        return mean.float().cpu().numpy(), std.float().cpu().numpy()
+        scale = float(self.meta.get("sd_scale", 1.0))  # runs saved before the calibration: the sd as sampled
+        return mean.float().cpu().numpy(), (std.float() * scale).cpu().numpy()
 
 
 __all__ = ["FlagModel", "flag_graph_settings", "graph_builder", "image_inputs"]
