@@ -46,8 +46,11 @@ def test_model_sections_only_enter_their_own_config_hash():
     assert config_hash(moved, "hinge", "C2") != config_hash(base, "hinge", "C2")
     assert config_hash(StgenConfig.from_dict({"hinge": {"lr": 1e-3}}), "hinge-paper", "C2") != \
         config_hash(base, "hinge-paper", "C2")  # a field the preset keeps still counts
-    # new FLAG defaults (issue 16: contextual alignment, inference-sampler validation, Euler 5 steps, 4,000 steps)
-    assert config_hash(base, "flag", "C2") == "b62e274ee50947c1"
+    # new FLAG defaults (issue 16: contextual alignment, inference-sampler validation, Euler 5 steps; then two
+    # ensemble members of 2,000 steps and sd_scale 3.24; the one-network defaults hashed b62e274ee50947c1)
+    assert config_hash(base, "flag", "C2") == "494b958af6995dbf"
+    one = StgenConfig.from_dict({"flag": {"ensemble": 1, "max_steps": 4000, "sd_scale": 1.0}})
+    assert config_hash(one, "flag", "C2") == "b62e274ee50947c1"  # fields added at their old value: old runs stay
     other = StgenConfig.from_dict({"stem": {"samples": 7}, "bleep": {"top_k": 3}})
     for m in ("hinge", "ridge", "flag", "hifusion", "stnet", "stflow"):
         assert config_hash(other, m, "C2") == config_hash(base, m, "C2"), m

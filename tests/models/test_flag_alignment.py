@@ -133,25 +133,35 @@ def test_contextual_run_round_trips_and_old_static_runs_load():
 
 def test_validation_runs_the_inference_sampler(monkeypatch):
     calls = []
-    orig = FLAG.generate
+    from stgen.models.flag.network import FlagEnsemble
 
-    def spy(self, *a, **kw):
-        calls.append((kw.get("steps"), kw.get("order", 2), kw.get("n_samples")))
-        return orig(self, *a, **kw)
+    def spy_on(cls):
+        orig = cls.generate
 
-    monkeypatch.setattr(FLAG, "generate", spy)
+        def spy(self, *a, **kw):
+            calls.append((kw.get("steps"), kw.get("order", 2), kw.get("n_samples")))
+            return orig(self, *a, **kw)
+
+        monkeypatch.setattr(cls, "generate", spy)
+
+    spy_on(FLAG)
     bb = _backbones()[0]
-    _fit(["G1", "G2", "G3", "G4", "G5", "G9"], bb, steps=3, val_samples=2, order=2)
+    panel = ["G1", "G2", "G3", "G4", "G5", "G9"]
+    _fit(panel, bb, steps=3, val_samples=2, order=2, ensemble=1)
     assert calls and set(calls) == {(3, 2, 2)}  # Heun, the run's steps and val_samples
     calls.clear()
-    model, _ = _fit(["G1", "G2", "G3", "G4", "G5", "G9"], bb, steps=3)
+    model, _ = _fit(panel, bb, steps=3, ensemble=1)
     assert set(calls) == {(3, 1, 1)} and model.meta["order"] == 1  # the default sampler: Euler (DDIM)
     calls.clear()
     model.predict(_sections(1, G=6)[0], FeatureSettings())
     assert calls == [(3, 1, 2)]  # predict: the run's steps, order and samples
     calls.clear()
-    _fit(["G1", "G2", "G3", "G4", "G5", "G9"], bb, val_steps=2)
+    _fit(panel, bb, val_steps=2, ensemble=1)
     assert set(calls) == {(2, 1, 1)}  # the earlier Euler selection, when asked for
+    calls.clear()
+    spy_on(FlagEnsemble)
+    model, _ = _fit(panel, bb, steps=3, val_samples=2)  # the default: two members, val_samples per member
+    assert isinstance(model.net, FlagEnsemble) and set(calls) == {(3, 1, 4)}
 
 
 def test_sections_with_fewer_spots_than_k_or_duplicated_coordinates_predict():

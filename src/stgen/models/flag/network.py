@@ -325,7 +325,7 @@ class FlagEnsemble(nn.Module):
     feature and target statistics. Sampling (:meth:`generate`, :func:`sample_members`) draws sample ``k``
     from member ``k % M``, so the mean is over the members' mixture and the sd holds their disagreement.
     The attributes that the training and the model read of a :class:`FLAG` (``config``, ``n_genes``,
-    ``feat_dim``, ``sde``, statistics, ``has_alignment``) are the first member's. Weights are saved as
+    ``feat_dim``, ``sde``, statistics, ``has_alignment``, ``gene_embeddings``) are the first member's. Weights are saved as
     ``members.<i>.<FLAG name>``.
 
     Raises InputError with fewer than two members or members of different shapes.
@@ -349,6 +349,7 @@ class FlagEnsemble(nn.Module):
     feat_dim = property(lambda self: self.first.feat_dim)
     sde = property(lambda self: self.first.sde)
     has_alignment = property(lambda self: self.first.has_alignment)
+    gene_embeddings = property(lambda self: self.first.gene_embeddings)  # static targets, shared (or None)
 
     def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """:meth:`FLAG.set_feature_stats` of every member."""
