@@ -320,13 +320,14 @@ class FlagEnsemble(nn.Module):
     the paper; a deep ensemble, Lakshminarayanan et al. 2017, NeurIPS).
 
     Each member has its own initialisation (drawn one after another from the run seed, so member 0 is the
-    single network a one-member fit would build) and, in training (:class:`~stgen.models.flag.training.FlagModule`),
-    its own noise levels and noise and its own gradient-norm clip; all read the same crops and share the
+    single network a one-member fit would build) and, in training
+    (:class:`~stgen.models.flag.training.FlagModule`), its own noise levels and noise and its own gradient-norm
+    clip; all read the same crops and share the
     feature and target statistics. Sampling (:meth:`generate`, :func:`sample_members`) draws sample ``k``
     from member ``k % M``, so the mean is over the members' mixture and the sd holds their disagreement.
     The attributes that the training and the model read of a :class:`FLAG` (``config``, ``n_genes``,
-    ``feat_dim``, ``sde``, statistics, ``has_alignment``, ``gene_embeddings``) are the first member's. Weights are saved as
-    ``members.<i>.<FLAG name>``.
+    ``feat_dim``, ``sde``, statistics, ``has_alignment``, ``gene_embeddings``) are the first member's.
+    Weights are saved as ``members.<i>.<FLAG name>``.
 
     Raises InputError with fewer than two members or members of different shapes.
     """
