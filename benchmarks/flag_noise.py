@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     for order in [int(o) for o in args.orders.split(",")]:
         for steps in [int(s) for s in args.steps.split(",")]:
             t0 = time.perf_counter()
-            samples = [net.generate(f, graph, n_samples=1, steps=steps, order=order,
-                                    generator=torch.Generator().manual_seed(s))[0].numpy()
+            nets = member_networks(net)  # an ensemble's members in turn, as predict samples them
+            samples = [nets[s % len(nets)].generate(f, graph, n_samples=1, steps=steps, order=order,
+                                                    generator=torch.Generator().manual_seed(s))[0].numpy()
                        for s in range(args.samples)]
             dt = time.perf_counter() - t0
             avg = np.mean(samples, 0)

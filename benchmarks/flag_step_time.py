@@ -7,7 +7,8 @@ Builds FLAG from the ``flag`` section of ``--config`` (default: the package defa
 alignment to a width-128 state (the embedded backbone's), and times, after one warm-up step, ``--steps``
 training steps (forward, DSM + alignment loss, backward, AdamW, gradient clipping) on random crops of
 ``crop_spots`` spots (the config's, or ``--crop``) and ``--steps`` denoiser calls on a whole section of ``--spots`` spots.
-Prints the parameter count, s/step, the implied training time of ``max_steps`` steps (validation excluded),
+Prints the parameter count of one network, s/step of one network, the implied training time of ``max_steps``
+steps of every ensemble member (``ensemble x max_steps`` network steps; validation excluded),
 the s/call, the implied predict time (order x steps x samples calls) and the peak RSS. Synthetic inputs: the
 numbers measure cost, not accuracy.
 """
@@ -92,9 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     per_call = (time.perf_counter() - t0) / args.steps
     n_par = sum(p.numel() for p in net.parameters())
     calls = cfg.order * cfg.steps * cfg.samples  # Heun: two calls a step (the last one), Euler one
-    print(f"config={args.config or 'defaults'}  device={dev}  threads={torch.get_num_threads()}  params={n_par / 1e6:.2f}M  "
-          f"crop_spots={cfg.crop_spots}  s_per_step={per_step:.3f}  train_{cfg.max_steps}_steps_min="
-          f"{per_step * cfg.max_steps / 60:.1f}  s_per_call_{args.spots}_spots={per_call:.3f}  "
+    member_steps = cfg.ensemble * cfg.max_steps  # an ensemble trains every member on every step
+    print(f"config={args.config or 'defaults'}  device={dev}  threads={torch.get_num_threads()}  "
+          f"params={n_par / 1e6:.2f}M x {cfg.ensemble} members  crop_spots={cfg.crop_spots}  "
+          f"s_per_step={per_step:.3f}  train_{cfg.ensemble}x{cfg.max_steps}_steps_min="
+          f"{per_step * member_steps / 60:.1f}  s_per_call_{args.spots}_spots={per_call:.3f}  "
           f"predict_{calls}_calls_s={per_call * calls:.1f}  "
           f"peak_rss_mb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}", flush=True)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from nested import print_row
+from nested import print_row, write_rows
 
 METRICS = ("pcc50", "pcc200", "mse", "gsc", "ssc", "coverage_90")
 
@@ -66,10 +66,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                        **{k: float(m[k]) for k in METRICS}, "spots_per_s": len(xy) / dt}
                 rows.append(row)
                 print_row(row)
-    df = pd.DataFrame(rows)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        df.to_csv(args.out, index=False)
+    df = write_rows(rows, args.out)
     means = df.groupby(["steps", "samples", "estimate"], sort=False)[[*METRICS, "spots_per_s"]].mean()
     print(f"\nmean over {df['section'].nunique()} held-out sections")
     print(means.round(4).to_string())

@@ -6,7 +6,7 @@
 Reads the predictions a benchmark wrote (``PREDS/<model>/<section>.h5ad``, ``.X`` in log2(count+1)) and the
 truth of the same spots (Her2ST layout under ``--data``) and prints per section and model:
 
-* ``ssc``: FLAG's SSC, the Pearson r across genes of predicted and true Moran's I on the 8-NN spot graph
+* ``ssc``: SSC as FLAG defines it (any model's prediction), the Pearson r across genes of predicted and true Moran's I on the 8-NN spot graph
   (:func:`stgen.evaluation.spatial.morans_i_pair`);
 * ``i_pred_mean``/``i_pred_sd`` and ``i_true_mean``/``i_true_sd``: the mean and spread across genes of Moran's I.
   A spread much smaller than the truth's means every predicted gene has about the same spatial smoothness, so
@@ -60,9 +60,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     rows = []
     for section in args.sections.split(","):
         adata = read_section(Path(args.data or default_data_dir()), section, require_image=False)
+        known = set(adata.obs_names)
         for model in args.models.split(","):
             pred = ad.read_h5ad(args.preds / model / f"{section}.h5ad")
-            spots = [o for o in pred.obs_names if o in set(adata.obs_names)]
+            spots = [o for o in pred.obs_names if o in known]
             truth, _ = section_truth(adata[spots], list(pred.var_names), "log2")
             p = np.asarray(pred[spots].X, dtype=np.float64)
             i_pred, i_true = morans_i_pair(p, truth, np.asarray(adata[spots].obsm["spatial"], dtype=np.float64), 8)

@@ -172,9 +172,10 @@ def predict(model: Path = typer.Option(..., "--model", help="RUN_DIR written by 
                 "spot circles, table) for napari-spatialdata; needs stgen[spatialdata]"),
             shard: str = typer.Option("0/1", "--shard", help="several slides (--image FOLDER or LIST.txt): take slides "
                                       "K, K+N, ... of K/N, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT"),
-            samples: Optional[int] = typer.Option(None, "--samples", help="samples averaged (default: the run's; HINGE 10, FLAG 10)"),
+            samples: Optional[int] = typer.Option(None, "--samples", help="samples averaged (default: the run's; HINGE "
+                                                  "10, FLAG 10, alternating between a FLAG ensemble's members)"),
             steps: Optional[int] = typer.Option(None, "--steps", help="HINGE: unmasking steps K <= T (default 5); "
-                                                "FLAG: Heun steps (default 10)"),
+                                                "FLAG: steps of the run's sampler order (default Euler, 5)"),
             batch_size: Optional[int] = typer.Option(None, "--batch-size", help="HINGE: spots x samples per sampler "
                                                      "batch (default 64); FLAG: spots per DiT chunk (default all)"),
             device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda when available)"),

@@ -128,6 +128,11 @@ def test_auto_stain_is_each_models_own_default_and_older_runs_load_unnormalised(
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
     assert read_run_config(tmp_path).features.stain == "none"
     assert StgenConfig.from_dict(saved).features.stain == "auto"  # what a bare read would wrongly give
+    for name in ("ensemble", "sd_scale"):  # nor had its FLAG section the fields added later
+        del saved["flag"][name]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    flag = read_run_config(tmp_path).flag
+    assert (flag.ensemble, flag.sd_scale) == (1, 1.0) != (StgenConfig().flag.ensemble, StgenConfig().flag.sd_scale)
     (tmp_path / "config.yaml").write_text("- a list\n")
     with pytest.raises(InputError, match="mapping"):
         read_run_config(tmp_path)

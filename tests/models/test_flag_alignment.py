@@ -129,6 +129,16 @@ def test_contextual_run_round_trips_and_old_static_runs_load():
     old = {k: v for k, v in fm.items() if k not in ("align_target", "align_genes")}  # run.json before the field
     loaded = FlagModel.from_state(tensors, {"flag": old, "panel": panel, "feature_dim": 4}, static.cfg)
     assert torch.equal(loaded.net.gene_embeddings, static.net.gene_embeddings)
+    # a run saved before flag.ensemble and flag.sd_scale: one network, its sd the samples' spread
+    single, _ = _fit(panel, bb, ensemble=1, sd_scale=3.0)
+    tensors, fm = single.state()
+    old = {**{k: v for k, v in fm.items() if k != "sd_scale"},
+           "config": {k: v for k, v in fm["config"].items() if k != "ensemble"}}
+    before = FlagModel.from_state(tensors, {"flag": old, "panel": panel, "feature_dim": 4}, FlagConfig())
+    assert type(before.net) is FLAG and before.net.config.ensemble == 1
+    (m_new, sd_new), (m_old, sd_old) = (r.predict(sec, FeatureSettings(), seed=1) for r in (single, before))
+    assert np.array_equal(m_new, m_old) and sd_old.max() > 0
+    np.testing.assert_allclose(sd_new, 3.0 * sd_old, rtol=1e-6)
 
 
 def test_validation_runs_the_inference_sampler(monkeypatch):
@@ -196,6 +206,7 @@ def test_paper_size_preset_loads_with_table_5_sizes():
     cfg = StgenConfig.load(path).flag
     assert (cfg.dim, cfg.graph_layers, cfg.graph_heads, cfg.dit_layers, cfg.dit_heads) == (384, 6, 8, 12, 6)
     assert (cfg.mlp_ratio, cfg.align_layer, cfg.lr, cfg.grad_clip, cfg.align_target) == (4.0, 8, 1e-4, 1.0, "contextual")
+    assert (cfg.ensemble, cfg.sd_scale) == (1, 1.0)  # the paper's one network and its raw sample spread
     net = FLAG(cfg, 300, 1280, align_dim=128)
     assert len(net.blocks) == 12 and len(net.graph_encoder.blocks) == 6
     n = sum(p.numel() for p in net.parameters())

@@ -105,7 +105,9 @@ class FlagConfig:
     # at a quarter of the denoiser calls, GSC 0.637 against 0.648 and SSC 0.309 against 0.344
     order: int = 1
     steps: int = 5
-    samples: int = 10  # averaged samples
+    # averaged samples, all members together: sample k is drawn by ensemble member k % ensemble (so a count that is
+    # not a multiple of ensemble weights the first members more; sd_scale was calibrated at 10)
+    samples: int = 10
     # factor on the returned sd (the samples' spread), a calibration chosen on nested folds; 1 = the sampled
     # spread (the paper). Stored in run.json; runs saved before the field use 1. 3.24 is the factor at which the
     # two-member default's inner-mean coverage-90 is 0.90 on the four inner folds (unscaled: 0.47)

@@ -289,6 +289,7 @@ class FLAG(nn.Module):
         return sample_members([self], feats, graph, n_samples, steps, generator, progress, batch_size, order)
 
 
+@torch.no_grad()
 def sample_members(nets: list[FLAG], feats: torch.Tensor, graph: SpotGraph, n_samples: int, steps: int,
                    generator: torch.Generator | None = None, progress: bool = False, batch_size: int | None = None,
                    order: int = 2) -> tuple[torch.Tensor, torch.Tensor]:

@@ -117,10 +117,10 @@ class FlagModule(BestWeights, L.LightningModule):
         return loss
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """An ensemble clips each member's gradient norm on its own (as if it trained alone); one network
-        clips as Lightning does."""
+        """An ensemble clips each member's gradient norm on its own (as if it trained alone); one network, or
+        another clipping algorithm, clips as Lightning does."""
         nets = member_networks(self.model)
-        if len(nets) == 1 or not gradient_clip_val:
+        if len(nets) == 1 or not gradient_clip_val or gradient_clip_algorithm not in (None, "norm"):
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         for net in nets:
             torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.grad is not None],
