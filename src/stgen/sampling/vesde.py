@@ -162,7 +162,8 @@ def heun_sample(
         raise InputError(f"sampler order must be 1 (Euler) or 2 (Heun), got {order}")
     sigmas = sde.grid(steps).to(device)
     x = torch.randn(shape, generator=generator).to(device) * sigmas[0]
-    for i in tqdm(range(int(steps)), desc=f"Heun sampler, {steps} steps", disable=not progress, unit="step"):
+    name = "Heun" if order == 2 else "Euler"
+    for i in tqdm(range(int(steps)), desc=f"{name} sampler, {steps} steps", disable=not progress, unit="step"):
         s, s_next = sigmas[i], sigmas[i + 1]
         d = (x - denoise(x, s).float()) / s
         x_next = x + (s_next - s) * d
