@@ -26,7 +26,7 @@ class FlagConfig:
 
     The architecture is much smaller than Table 5 (graph 6 x 384, DiT 12 x 384;
     ``configs/flag-paper.yaml`` is that size, for a GPU) so that one Her2ST
-    fold (~2,400 training spots, 300 genes) trains in ~12 min and a ~600-spot
+    fold (~2,400 training spots, 300 genes) trains in 7-11 min and a ~600-spot
     section predicts in well under a minute on a 2-core CPU: DiT attention
     over 300 gene tokens dominates the cost, so the DiT is 2 blocks x 32 wide
     with 2 heads (fewer, wider heads run ~3x faster on CPU); two such
@@ -94,10 +94,10 @@ class FlagConfig:
     val_every: int = 500  # steps between validations (best-validation weights are kept)
     crop_spots: int = 128  # train on random spatially contiguous crops of at most this many spots (speed)
     val_fraction: float = 0.1  # spots of each training section held out of the loss for validation
-    # validation generation: None = the inference sampler (``steps`` Heun steps, order 2), ``val_samples``
-    # averaged samples; a number = that many Euler (= DDIM) steps (the earlier, cheaper selection)
+    # validation generation: None = the inference sampler (``steps`` steps of order ``order``), ``val_samples``
+    # averaged samples per ensemble member; a number = that many Euler (= DDIM) steps (the earlier, cheaper selection)
     val_steps: int | None = None
-    val_samples: int = 1  # per ensemble member
+    val_samples: int = 1
     # inference sampler of the probability-flow ODE: order 1 = Euler (the DDIM step, one denoiser call a step),
     # 2 = Heun (the paper; two calls a step, overshoots when a step divides sigma by more than ~3). Chosen on
     # nested folds inside fold C2's training sections (inner C5 and B4, benchmarks/flag_noise.py, docs/results.md):
