@@ -350,6 +350,27 @@ def test_each_ensemble_member_trains_as_it_would_alone_and_the_members_differ():
         FlagEnsemble([_model()])
 
 
+def test_weight_ema_averages_every_ensemble_member():
+    """``flag.ema`` with ``flag.ensemble: 2``: a decay near 0 keeps the trained weights of both members, a decay
+    of 0.9 keeps other weights in both."""
+    from stgen.models.flag.network import flag_network
+
+    secs = [_section(seed=s) for s in range(2)]
+
+    def run(ema):
+        cfg = FlagConfig(**{**TINY, "max_steps": 12, "val_every": 6, "crop_spots": 30, "val_steps": 2, "lr": 5e-3,
+                            "knn": 8, "ensemble": 2, "ema": ema})
+        torch.manual_seed(0)
+        net = flag_network(cfg, 10, 6, torch.randn(10, 8))
+        train_flag(net, secs, cfg, lambda xy, f: build_spot_graph(xy, f, k=8), progress=False)
+        return {k: v.clone() for k, v in net.named_parameters()}
+
+    plain, near, avg = run(None), run(1e-7), run(0.9)
+    assert all(torch.allclose(plain[k], near[k], atol=1e-5) for k in plain)
+    for member in ("members.0.", "members.1."):
+        assert not all(torch.allclose(plain[k], avg[k], atol=1e-4) for k in plain if k.startswith(member)), member
+
+
 def test_ensemble_samples_alternate_between_the_members():
     """Sample ``k`` of an ensemble is member ``k % M``'s probability-flow run from the shared generator's next
     noise: the mean and sd of 4 samples equal those of the members' own runs taken in turn."""
