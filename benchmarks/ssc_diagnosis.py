@@ -6,8 +6,8 @@
 Reads the predictions a benchmark wrote (``PREDS/<model>/<section>.h5ad``, ``.X`` in log2(count+1)) and the
 truth of the same spots (Her2ST layout under ``--data``) and prints per section and model:
 
-* ``ssc``: SSC as FLAG defines it (any model's prediction), the Pearson r across genes of predicted and true Moran's I on the 8-NN spot graph
-  (:func:`stgen.evaluation.spatial.morans_i_pair`);
+* ``ssc``: SSC as FLAG defines it (of any model's prediction), the Pearson r across genes of predicted and true
+  Moran's I on the 8-NN spot graph (:func:`stgen.evaluation.spatial.morans_i_pair`);
 * ``i_pred_mean``/``i_pred_sd`` and ``i_true_mean``/``i_true_sd``: the mean and spread across genes of Moran's I.
   A spread much smaller than the truth's means every predicted gene has about the same spatial smoothness, so
   SSC correlates small differences;
@@ -28,15 +28,12 @@ import pandas as pd
 from nested import print_row, write_rows
 
 
-def _r(a: np.ndarray, b: np.ndarray) -> float:
-    keep = np.isfinite(a) & np.isfinite(b)
-    return float(np.corrcoef(a[keep], b[keep])[0, 1]) if keep.sum() > 2 else float("nan")
-
-
 def _pc1_share(m: np.ndarray) -> float:
-    z = m[:, m.std(0) > 0]
-    z = (z - z.mean(0)) / z.std(0)
-    s = np.linalg.svd(z, compute_uv=False) ** 2
+    """Share of the variance of the standardised non-constant columns of ``m`` (N, G) in its first component."""
+    from stgen.evaluation.basics import _standardised_columns
+
+    z, const = _standardised_columns(m)
+    s = np.linalg.svd(z[:, ~const], compute_uv=False) ** 2
     return float(s[0] / s.sum())
 
 
@@ -52,6 +49,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     import anndata as ad
 
     from stgen.data.her2st import read_section
+    from stgen.evaluation.basics import _finite_pair_correlation as _r
     from stgen.evaluation.basics import pearson_per_gene
     from stgen.evaluation.spatial import morans_i_pair
     from stgen.workflows.analysis import section_truth
@@ -64,9 +62,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         for model in args.models.split(","):
             pred = ad.read_h5ad(args.preds / model / f"{section}.h5ad")
             spots = [o for o in pred.obs_names if o in known]
-            truth, _ = section_truth(adata[spots], list(pred.var_names), "log2")
+            sub = adata[spots]
+            truth, _ = section_truth(sub, list(pred.var_names), "log2")
             p = np.asarray(pred[spots].X, dtype=np.float64)
-            i_pred, i_true = morans_i_pair(p, truth, np.asarray(adata[spots].obsm["spatial"], dtype=np.float64), 8)
+            i_pred, i_true = morans_i_pair(p, truth, np.asarray(sub.obsm["spatial"], dtype=np.float64), 8)
             level = truth.mean(0)
             row = {"section": section, "model": model, "ssc": _r(i_pred, i_true),
                    "i_pred_mean": float(np.nanmean(i_pred)), "i_pred_sd": float(np.nanstd(i_pred)),
