@@ -302,9 +302,11 @@ def sample_members(nets: list[FLAG], feats: torch.Tensor, graph: SpotGraph, n_sa
     first = nets[0]
     n, device = feats.shape[0], feats.device
     graph = graph.to(device)
+    for net in nets:
+        net.eval()
     runs = []
     for k in range(n_samples):
-        net = nets[k % len(nets)].eval()
+        net = nets[k % len(nets)]
 
         def denoise(x, sigma, net=net):
             return net(x, sigma, feats, graph, chunk=batch_size)
