@@ -294,13 +294,25 @@ def test_the_kept_weights_are_the_exponential_average_of_every_steps_weights(mon
             assert not torch.allclose(p, steps[-1][n], atol=1e-6) or not p.requires_grad, n
 
 
-def test_each_ensemble_member_trains_as_it_would_alone_and_the_members_differ():
+def _fit_network(secs, **kw):
+    """A tiny FLAG network (or ensemble, ``ensemble=``) built from torch seed 0 and trained on ``secs``:
+    ``(network, history)``; ``kw`` overrides the config."""
+    from stgen.models.flag.network import flag_network
+
+    cfg = FlagConfig(**{**TINY, "max_steps": 10, "val_every": 10, "crop_spots": 30, "val_steps": 2, "lr": 5e-3,
+                        "knn": 8, **kw})
+    torch.manual_seed(0)
+    net = flag_network(cfg, 10, 6, torch.randn(10, 8))
+    return net, train_flag(net, secs, cfg, lambda xy, f: build_spot_graph(xy, f, k=8), progress=False)
+
+
+def test_each_ensemble_member_trains_as_it_would_alone_and_the_members_differ(monkeypatch):
     """``flag.ensemble: 2``: member 0 ends bit-for-bit where a one-network fit of the same seed ends (same
     initialisation, noise, crops; a gradient clip so tight that it acts every step is applied per member), member
     1 has other weights and draws its noise from the next seed; the members share the statistics; a fit with two
     validation rounds keeps the ensemble of the round it scored best."""
     from stgen.models.flag import training as FT
-    from stgen.models.flag.network import FlagEnsemble, flag_network
+    from stgen.models.flag.network import FlagEnsemble
 
     secs = [_section(seed=s) for s in range(2)]
     noise_seeds: set = set()
@@ -312,19 +324,12 @@ def test_each_ensemble_member_trains_as_it_would_alone_and_the_members_differ():
         return keyed(seed, *rest)
 
     def fit(ensemble, **kw):
-        cfg = FlagConfig(**{**TINY, "max_steps": 10, "val_every": 10, "crop_spots": 30, "val_steps": 2, "lr": 5e-3,
-                            "knn": 8, "grad_clip": 1e-3, "ensemble": ensemble, **kw})
-        torch.manual_seed(0)
-        net = flag_network(cfg, 10, 6, torch.randn(10, 8))
-        hist = train_flag(net, secs, cfg, lambda xy, f: build_spot_graph(xy, f, k=8), progress=False)
-        return net, hist
+        return _fit_network(secs, grad_clip=1e-3, ensemble=ensemble, **kw)
 
     one, _ = fit(1, val_fraction=0.0)
-    FT.key_seed = recording
-    try:
+    with monkeypatch.context() as m:
+        m.setattr(FT, "key_seed", recording)
         two, _ = fit(2, val_fraction=0.0)
-    finally:
-        FT.key_seed = keyed
     assert noise_seeds == {42, 43}
     assert isinstance(one, FLAG) and isinstance(two, FlagEnsemble) and len(two.members) == 2
     first, second = two.members[0].state_dict(), two.members[1].state_dict()
@@ -336,11 +341,10 @@ def test_each_ensemble_member_trains_as_it_would_alone_and_the_members_differ():
                                                                                   second["feat_mean"])
     first_round, _ = fit(2, max_steps=5, val_every=5)
     scored = FT.FlagModule.record_validation
-    FT.FlagModule.record_validation = lambda self, value, net, **kw: scored(self, float(self.global_step), net, **kw)
-    try:  # the validation value is the step, so the first of two rounds is the best
+    with monkeypatch.context() as m:  # the validation value is the step, so the first of two rounds is the best
+        m.setattr(FT.FlagModule, "record_validation",
+                  lambda self, value, net, **kw: scored(self, float(self.global_step), net, **kw))
         kept, hist = fit(2, max_steps=10, val_every=5)
-    finally:
-        FT.FlagModule.record_validation = scored
     assert hist["best_step"] == 5 and len(hist["history"]) == 2 and hist["n_val"] == 6 and not kept.training
     for k, v in first_round.state_dict().items():
         assert torch.equal(v, kept.state_dict()[k]), k
@@ -353,16 +357,10 @@ def test_each_ensemble_member_trains_as_it_would_alone_and_the_members_differ():
 def test_weight_ema_averages_every_ensemble_member():
     """``flag.ema`` with ``flag.ensemble: 2``: a decay near 0 keeps the trained weights of both members, a decay
     of 0.9 keeps other weights in both."""
-    from stgen.models.flag.network import flag_network
-
     secs = [_section(seed=s) for s in range(2)]
 
     def run(ema):
-        cfg = FlagConfig(**{**TINY, "max_steps": 12, "val_every": 6, "crop_spots": 30, "val_steps": 2, "lr": 5e-3,
-                            "knn": 8, "ensemble": 2, "ema": ema})
-        torch.manual_seed(0)
-        net = flag_network(cfg, 10, 6, torch.randn(10, 8))
-        train_flag(net, secs, cfg, lambda xy, f: build_spot_graph(xy, f, k=8), progress=False)
+        net, _ = _fit_network(secs, max_steps=12, val_every=6, ensemble=2, ema=ema)
         return {k: v.clone() for k, v in net.named_parameters()}
 
     plain, near, avg = run(None), run(1e-7), run(0.9)
